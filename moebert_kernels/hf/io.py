@@ -1,0 +1,82 @@
+"""Load a patched model saved with ``save_pretrained`` (safetensors; never pickle)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .patch import MoEBertSettings, patch
+
+__all__ = ["from_pretrained", "load_safetensors_state"]
+
+
+def load_safetensors_state(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint folder: ``model.safetensors`` or its sharded index."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(path, shard)))
+        return state
+    raise FileNotFoundError(f"{path} holds no model.safetensors (nor a sharded index); "
+                            "save the model with save_pretrained(..., safe_serialization=True)")
+
+
+def from_pretrained(path: str, model_class: Optional[type] = None, device: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None, backend: Optional[str] = None) -> nn.Module:
+    """Rebuild a MoEBERT model saved with ``save_pretrained`` and load its weights and router tables.
+
+    ``model_class`` defaults to the class named in ``config.architectures``.
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    settings = getattr(config, "moebert", None)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not a MoEBERT checkpoint: its config has no 'moebert' entry "
+                         "(patch a dense model with moebert_kernels.patch first)")
+    settings = MoEBertSettings(**settings)
+    if model_class is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, arch, None) if arch else None
+        if model_class is None:
+            raise ValueError(f"cannot tell the model class of {path} (architectures={arch!r}); pass model_class=")
+    model = model_class(config)
+    patch(model, settings.num_experts, settings.expert_size, settings.shared, router=settings.router,
+          seed=settings.seed, backend=backend, _from_checkpoint=True)
+    state = load_safetensors_state(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_keys(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match {model_class.__name__} patched with {settings}: "
+                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier name (save_pretrained drops them)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = id(p)
+        if key in seen:
+            tied.add(name)
+        else:
+            seen[key] = name
+    return tied

@@ -1,0 +1,210 @@
+"""``patch(model)``: turn a Hugging Face BERT-family model into MoEBERT in place.
+
+Table-driven over ``config.model_type``; works on instances only (no class swapping,
+nothing at import time). Every argument is checked before the model is touched, so a
+bad call leaves the model as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
+from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, RoutingContext, SentenceGate, TokenGate
+
+__all__ = ["MoEBertSettings", "SUPPORTED_MODEL_TYPES", "expert_neuron_ids", "patch", "moe_layers", "aux_loss"]
+
+# HF activation name -> moe_ffn activation.
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                "relu": "relu"}
+
+
+@dataclass(frozen=True)
+class _Family:
+    layers: str  # attribute path from the base model to the layer list
+    style: str  # "bert": intermediate/output pair; "distilbert": ffn + output_layer_norm
+
+
+_FAMILIES = {
+    "bert": _Family("encoder.layer", "bert"),
+    "roberta": _Family("encoder.layer", "bert"),
+    "distilbert": _Family("transformer.layer", "distilbert"),
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+
+@dataclass(frozen=True)
+class MoEBertSettings:
+    """What ``patch`` did; stored as ``config.moebert`` so a checkpoint can be rebuilt."""
+
+    num_experts: int = 4
+    expert_size: int = 768
+    shared: int = 512
+    router: str = "hash"
+    seed: int = 0
+    activation: str = "gelu"
+
+
+def expert_neuron_ids(importance: Optional[Tensor], d_ff: int, num_experts: int, expert_size: int,
+                      shared: int) -> Tensor:
+    """Which dense neurons each expert keeps, ``[E, expert_size]``.
+
+    Neurons are ranked by importance (descending; original order when None). The top
+    ``shared`` go to every expert, the rest are dealt round-robin: expert i gets ranks
+    ``shared + i``, ``shared + i + E``, ... truncated to ``expert_size``.
+    """
+    _check_sizes(d_ff, num_experts, expert_size, shared)
+    if importance is None:
+        ranked = torch.arange(d_ff)
+    else:
+        if tuple(importance.shape) != (d_ff,):
+            raise ValueError(f"importance of one layer must be [d_ff] = ({d_ff},), got {tuple(importance.shape)}")
+        ranked = torch.argsort(importance.detach().float().cpu(), descending=True, stable=True)
+    rest = ranked[shared:]
+    own = expert_size - shared
+    return torch.stack([torch.cat([ranked[:shared], rest[e::num_experts][:own]]) for e in range(num_experts)])
+
+
+def _check_sizes(d_ff: int, num_experts: int, expert_size: int, shared: int) -> None:
+    for name, v in (("num_experts", num_experts), ("expert_size", expert_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+        raise ValueError(f"shared must be a non-negative int, got {shared!r}")
+    if expert_size > d_ff:
+        raise ValueError(f"expert_size={expert_size} is larger than the dense FFN's d_ff={d_ff}")
+    if shared >= expert_size:
+        raise ValueError(f"shared={shared} must be smaller than expert_size={expert_size}")
+    if num_experts > 1 and (d_ff - shared) // num_experts < expert_size - shared:
+        raise ValueError(
+            f"d_ff={d_ff} has too few neurons: after {shared} shared ones, {num_experts} experts get "
+            f"{(d_ff - shared) // num_experts} each, fewer than the {expert_size - shared} they need")
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _base_and_family(model: nn.Module):
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(f"moebert_kernels.patch supports model types {list(SUPPORTED_MODEL_TYPES)} "
+                         f"(BertModel/BertFor*, RobertaModel/RobertaFor*, DistilBert*); got {model_type!r} "
+                         f"({type(model).__name__})")
+    base = getattr(model, "base_model", model)
+    return base, _FAMILIES[model_type], config
+
+
+def _dense_ffn(layer: nn.Module, style: str):
+    """(w1 [d_ff, d], b1, w2 [d, d_ff], b2, ln_weight, ln_bias, ln_eps, dropout_p) of one dense layer."""
+    if style == "bert":
+        fc1, out = layer.intermediate.dense, layer.output
+        return fc1.weight, fc1.bias, out.dense.weight, out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias, \
+            out.LayerNorm.eps, out.dropout.p
+    ffn, ln = layer.ffn, layer.output_layer_norm
+    return ffn.lin1.weight, ffn.lin1.bias, ffn.lin2.weight, ffn.lin2.bias, ln.weight, ln.bias, ln.eps, ffn.dropout.p
+
+
+def _make_router(kind: str, config, d: int, E: int, seed: int, token_counts: Optional[Tensor]):
+    if kind == "hash":
+        return HashRouter(config.vocab_size, E, seed=seed)
+    if kind == "balanced_hash":
+        if token_counts is None:  # loading a checkpoint: the saved table overwrites this one
+            return BalancedHashRouter(config.vocab_size, E, table=torch.zeros(config.vocab_size, dtype=torch.int64))
+        return BalancedHashRouter.from_token_counts(token_counts, E, seed=seed)
+    return (TokenGate if kind == "token_gate" else SentenceGate)(d, E)
+
+
+def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared: int = 512,
+          importance: Optional[Tensor] = None, router: str = "hash", seed: int = 0,
+          token_counts: Optional[Tensor] = None, backend: Optional[str] = None,
+          _from_checkpoint: bool = False) -> nn.Module:
+    """Replace every layer's FFN of a HF BERT/RoBERTa/DistilBERT model with ``MoEFeedForward``.
+
+    Args:
+        model: a stock HF model (``BertModel``, ``BertFor*``, ``RobertaModel``, ``RobertaFor*``,
+            ``DistilBert*``; MiniLM-style checkpoints are BERT).
+        num_experts, expert_size, shared: MoEBERT's N, expert width and shared neurons.
+        importance: ``[L, d_ff]`` neuron importance (see ``expert_neuron_ids``); None keeps the dense order.
+        router: one of ``"hash"`` (the paper's default), ``"balanced_hash"`` (needs ``token_counts``),
+            ``"token_gate"``, ``"sentence_gate"``.
+        seed: layer l's hash table is drawn with ``seed + l``.
+        token_counts: ``[vocab_size]`` token frequencies for ``"balanced_hash"``.
+        backend: force a backend for every MoE layer (default: the dispatch decides).
+
+    Returns the same model, patched. ``model.config.moebert`` records the settings.
+    """
+    base, family, config = _base_and_family(model)
+    layers = _get(base, family.layers)
+    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+        raise ValueError("model is already patched with MoEFeedForward layers")
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {list(ROUTERS)}, got {router!r}")
+    if router == "balanced_hash" and token_counts is not None:
+        if tuple(torch.as_tensor(token_counts).shape) != (config.vocab_size,):
+            raise ValueError(f"token_counts must be [vocab_size] = ({config.vocab_size},), "
+                             f"got {tuple(torch.as_tensor(token_counts).shape)}")
+    elif router == "balanced_hash" and not _from_checkpoint:
+        raise ValueError("router='balanced_hash' needs token_counts=[vocab_size] token frequencies")
+    hf_act = getattr(config, "hidden_act", getattr(config, "activation", None))
+    if hf_act not in _ACTIVATIONS:
+        raise ValueError(f"activation {hf_act!r} is not supported; supported: {list(_ACTIVATIONS)}")
+    activation = _ACTIVATIONS[hf_act]
+    dense = [_dense_ffn(layer, family.style) for layer in layers]
+    d_ff, d = dense[0][0].shape
+    _check_sizes(d_ff, num_experts, expert_size, shared)
+    if importance is not None:
+        importance = torch.as_tensor(importance)
+        if tuple(importance.shape) != (len(layers), d_ff):
+            raise ValueError(f"importance must be [num_layers, d_ff] = {(len(layers), d_ff)}, "
+                             f"got {tuple(importance.shape)}")
+        if not bool(torch.isfinite(importance).all()):
+            raise ValueError("importance holds NaN or inf")
+    neuron_ids = [expert_neuron_ids(None if importance is None else importance[i], d_ff, num_experts, expert_size,
+                                    shared) for i in range(len(layers))]
+
+    # Everything is checked: from here on the model changes.
+    context = RoutingContext()
+    for i, (layer, (w1, b1, w2, b2, lnw, lnb, eps, p)) in enumerate(zip(layers, dense)):
+        r = _make_router(router, config, d, num_experts, seed + i, token_counts)
+        moe = MoEFeedForward(d, expert_size, num_experts, router=r.to(w1.device), activation=activation, dropout=p,
+                             layer_norm_eps=eps, layer_idx=i, fuse_norm=family.style == "bert", backend=backend,
+                             device=w1.device, dtype=w1.dtype)
+        moe.load_dense(w1.detach(), b1.detach(), w2.detach(), b2.detach(), lnw.detach(), lnb.detach(), neuron_ids[i])
+        moe.train(layer.training)  # new modules start in train mode; keep the model's mode
+        moe._context = context
+        if isinstance(r, HashRouter):
+            context.hash_layers[i] = r
+        if family.style == "bert":
+            layer.intermediate = nn.Identity()
+            layer.output = moe
+            layer.chunk_size_feed_forward = 0  # chunking would split a batch's routing plan
+        else:
+            layer.ffn = moe
+            layer.output_layer_norm = DeferredExpertLayerNorm(moe)
+
+    def _begin(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        context.begin(input_ids, mask)
+
+    model._moebert_hook = base.register_forward_pre_hook(_begin, with_kwargs=True)
+    model._moebert_context = context
+    config.moebert = asdict(MoEBertSettings(num_experts, expert_size, shared, router, seed, activation))
+    return model
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def aux_loss(model: nn.Module) -> Optional[Tensor]:
+    """Sum of the gates' load-balancing losses from the last forward (None with hash routing)."""
+    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None

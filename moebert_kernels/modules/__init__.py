@@ -1,0 +1,7 @@
+"""nn.Modules over ops."""
+from .moe import DeferredExpertLayerNorm, MoEFeedForward
+from .routers import (BalancedHashRouter, GateOutput, HashRouter, RoutingContext, SentenceGate, TokenGate,
+                      switch_load_balancing_loss)
+
+__all__ = ["BalancedHashRouter", "DeferredExpertLayerNorm", "GateOutput", "HashRouter", "MoEFeedForward",
+           "RoutingContext", "SentenceGate", "TokenGate", "switch_load_balancing_loss"]

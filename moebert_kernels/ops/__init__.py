@@ -1,0 +1,23 @@
+"""Ops: one file each, holding the reference, the torch.library registration and the dispatch."""
+from .dispatch import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    select_backend,
+)
+from .moe_ffn import ACTIVATIONS, moe_ffn, moe_ffn_reference
+from .routing import RoutingPlan, plans_from_expert_ids
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "RoutingPlan",
+    "available_backends",
+    "backend_status",
+    "moe_ffn",
+    "moe_ffn_reference",
+    "plans_from_expert_ids",
+    "select_backend",
+]

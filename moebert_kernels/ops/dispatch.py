@@ -1,0 +1,136 @@
+"""The one place where a backend is chosen.
+
+Order when nothing is forced: ``cuda`` (built extension, CUDA tensors) -> ``triton``
+(CUDA tensors) -> ``torch`` (the reference). CPU tensors default to ``torch``; the
+Triton interpreter (``TRITON_INTERPRET=1``) is only used on CPU when forced, because
+it is a correctness tool, not a fast path.
+
+Force a backend with ``backend=`` on any op or ``MOEBERT_BACKEND=<name>`` in the
+environment. A forced backend that cannot run raises :class:`BackendUnavailableError`
+with the reason; it never falls back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "get_impl",
+    "register_impl",
+    "select_backend",
+]
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "MOEBERT_BACKEND"
+
+# (op, backend) -> module path exposing that op's `<op>_forward` / `<op>_backward`.
+_IMPLS: dict[tuple[str, str], str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced but cannot run here; the message says why."""
+
+
+def register_impl(op: str, backend: str, module_path: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _IMPLS[(op, backend)] = module_path
+
+
+@lru_cache(maxsize=None)
+def _import_impl(module_path: str):
+    return importlib.import_module(module_path)
+
+
+def get_impl(op: str, backend: str):
+    """The module that implements ``op`` on ``backend``."""
+    try:
+        path = _IMPLS[(op, backend)]
+    except KeyError:
+        raise BackendUnavailableError(f"op {op!r} has no {backend!r} implementation") from None
+    return _import_impl(path)
+
+
+@lru_cache(maxsize=None)
+def _module_exists(module_path: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_path) is not None
+    except ImportError:
+        return False
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+def backend_status(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``backend`` can run ``op`` on ``device``, and if not, why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if (op, backend) not in _IMPLS or not _module_exists(_IMPLS[(op, backend)]):
+        return False, f"op {op!r} has no {backend!r} implementation yet"
+    if backend == "torch":
+        return True, ""
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return False, err
+        if device.type == "cuda" or (device.type == "cpu" and _triton_interpret()):
+            return True, ""
+        return False, (
+            f"triton needs CUDA tensors (got {device.type}); "
+            "set TRITON_INTERPRET=1 to run its kernels on CPU tensors"
+        )
+    # cuda
+    if device.type != "cuda":
+        return False, f"the cuda backend needs CUDA tensors (got {device.type})"
+    from .. import _cuda
+
+    ext, why = _cuda.load()
+    if ext is None:
+        return False, why
+    return True, ""
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if backend_status(op, b, device)[0]]
+
+
+def select_backend(op: str, device: torch.device | str, backend: Optional[str] = None) -> str:
+    """Pick the backend for one call of ``op`` on tensors living on ``device``."""
+    device = torch.device(device)
+    forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if forced is not None:
+        forced = forced.lower()
+        if forced not in BACKENDS:
+            src = "backend=" if backend is not None else f"${ENV_VAR}"
+            raise ValueError(f"{src} got {forced!r}; expected one of {BACKENDS}")
+        ok, why = backend_status(op, forced, device)
+        if not ok:
+            raise BackendUnavailableError(f"backend {forced!r} was forced for {op} but cannot run: {why}")
+        return forced
+    if device.type == "cuda":
+        for cand in BACKENDS:
+            if backend_status(op, cand, device)[0]:
+                return cand
+    return "torch"

@@ -1,0 +1,255 @@
+"""moe_ffn: a top-1 routed expert FFN, y_t = g_t * (W2[e_t] act(W1[e_t] x_t + b1[e_t]) + b2[e_t]).
+
+Layout (the ``torch.nn.Linear`` convention, stacked over experts):
+    x  [T, d]       w1 [E, h, d]    b1 [E, h]
+    y  [T, d_out]   w2 [E, d_out, h] b2 [E, d_out]    gate [T] or None
+
+Dataflow: ``moe_ffn`` validates, picks a backend once (``dispatch.select_backend``)
+and calls ``torch.ops.moebert.moe_ffn_fwd``; autograd calls
+``torch.ops.moebert.moe_ffn_bwd``. Both ops forward to the chosen backend's
+``moe_ffn_forward`` / ``moe_ffn_backward``; this file holds the ``torch`` backend,
+which is also the reference every other backend is tested against.
+
+A backend may return the GEMM1 pre-activation (expert order, ``[T, h]``) from the
+forward so that the backward need not recompute it; it declares this with
+``SAVES_HIDDEN``. The torch backend recomputes instead (autograd over the reference).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import get_impl, register_impl, select_backend
+from .routing import RoutingPlan
+
+__all__ = ["moe_ffn", "moe_ffn_reference", "ACTIVATIONS", "check_moe_ffn_inputs"]
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+SAVES_HIDDEN = False
+
+register_impl("moe_ffn", "torch", __name__)
+register_impl("moe_ffn", "triton", "moebert_kernels.triton.moe_ffn")
+register_impl("moe_ffn", "cuda", "moebert_kernels.cuda.moe_ffn")
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return F.gelu(h)  # exact erf form, as BERT uses
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def moe_ffn_reference(
+    x: Tensor,
+    sorted_token_ids: Tensor,
+    expert_offsets: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    gate: Optional[Tensor] = None,
+    activation: str = "gelu",
+) -> Tensor:
+    """Plain-PyTorch oracle, differentiable. Reads the offsets on the host (one sync on CUDA)."""
+    T, E, d_out = x.shape[0], w1.shape[0], w2.shape[1]
+    xs = x.index_select(0, sorted_token_ids)
+    bounds = expert_offsets.tolist()
+    pieces = []
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        h = torch.addmm(b1[e], xs[lo:hi], w1[e].t())
+        pieces.append(torch.addmm(b2[e], activate(h, activation), w2[e].t()))
+    y_sorted = torch.cat(pieces) if pieces else x.new_empty(0, d_out)
+    y = torch.index_copy(x.new_zeros(T, d_out), 0, sorted_token_ids, y_sorted)
+    if gate is not None:
+        y = y * gate.to(y.dtype).unsqueeze(-1)
+    return y
+
+
+# ---- torch backend: the reference behind the backend contract -------------------------
+
+def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden):
+    out = moe_ffn_reference(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation)
+    return out, x.new_empty(0)
+
+
+def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
+                     needs_grad):
+    inputs = [x, w1, b1, w2, b2] + ([gate] if gate is not None else [])
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        g = leaves[5] if gate is not None else None
+        out = moe_ffn_reference(leaves[0], sorted_token_ids, expert_offsets, *leaves[1:5], g, activation)
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
+    if gate is None:
+        grads.append(x.new_empty(0))
+    return tuple(grads)
+
+
+# ---- torch.library registration ---------------------------------------------------------
+
+@torch.library.custom_op("moebert::moe_ffn_fwd", mutates_args=())
+def _moe_ffn_fwd(
+    x: Tensor,
+    sorted_token_ids: Tensor,
+    expert_offsets: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    gate: Optional[Tensor],
+    activation: str,
+    backend: str,
+    save_hidden: bool,
+) -> tuple[Tensor, Tensor]:
+    return get_impl("moe_ffn", backend).moe_ffn_forward(
+        x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden
+    )
+
+
+@_moe_ffn_fwd.register_fake
+def _(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, backend, save_hidden):
+    out = x.new_empty(x.shape[0], w2.shape[1])
+    saves = save_hidden and getattr(get_impl("moe_ffn", backend), "SAVES_HIDDEN", False)
+    hidden = x.new_empty(x.shape[0], w1.shape[1]) if saves else x.new_empty(0)
+    return out, hidden
+
+
+@torch.library.custom_op("moebert::moe_ffn_bwd", mutates_args=())
+def _moe_ffn_bwd(
+    grad_out: Tensor,
+    x: Tensor,
+    sorted_token_ids: Tensor,
+    expert_offsets: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    gate: Optional[Tensor],
+    hidden: Tensor,
+    activation: str,
+    backend: str,
+    needs_grad: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = get_impl("moe_ffn", backend).moe_ffn_backward(
+        grad_out.contiguous(), x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
+        list(needs_grad),
+    )
+    # custom_op outputs may not alias inputs; a backend may hand back e.g. a zero grad view.
+    return tuple(g.clone() if _aliases(g, (grad_out, x, w1, b1, w2, b2, gate, hidden)) else g for g in grads)
+
+
+def _aliases(t: Tensor, others) -> bool:
+    return any(o is not None and o.numel() and t.numel() and t.untyped_storage().data_ptr() ==
+               o.untyped_storage().data_ptr() for o in others)
+
+
+@_moe_ffn_bwd.register_fake
+def _(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation, backend, needs_grad):
+    dgate = torch.empty_like(gate) if gate is not None else x.new_empty(0)
+    return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
+            torch.empty_like(b2), dgate)
+
+
+def _setup_context(ctx, inputs, output):
+    x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, backend, _ = inputs
+    ctx.activation, ctx.backend = activation, backend
+    ctx.has_gate = gate is not None
+    saved = [x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, output[1]]
+    if gate is not None:
+        saved.append(gate)
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_out, _grad_hidden):
+    x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, hidden, *rest = ctx.saved_tensors
+    gate = rest[0] if ctx.has_gate else None
+    nd = ctx.needs_input_grad
+    needs = [nd[0], nd[3], nd[4], nd[5], nd[6], nd[7] and ctx.has_gate]
+    dx, dw1, db1, dw2, db2, dgate = torch.ops.moebert.moe_ffn_bwd(
+        grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, ctx.activation, ctx.backend,
+        needs,
+    )
+    pick = lambda need, g: g if need else None  # noqa: E731
+    return (pick(needs[0], dx), None, None, pick(needs[1], dw1), pick(needs[2], db1), pick(needs[3], dw2),
+            pick(needs[4], db2), pick(needs[5], dgate), None, None, None)
+
+
+_moe_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry point -----------------------------------------------------------------
+
+def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu") -> None:
+    """Raise TypeError/ValueError naming the first problem; touches nothing."""
+    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    if gate is not None:
+        named["gate"] = gate
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, d], got shape {tuple(x.shape)}")
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w1 must be [E, h, d] and w2 [E, d_out, h]; got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    T, d = x.shape
+    E, h, d_in = w1.shape
+    if d_in != d:
+        raise ValueError(f"w1 is [E, h, d] = {tuple(w1.shape)} but x has d={d}")
+    if w2.shape[0] != E or w2.shape[2] != h:
+        raise ValueError(f"w2 must be [E={E}, d_out, h={h}], got {tuple(w2.shape)}")
+    if tuple(b1.shape) != (E, h):
+        raise ValueError(f"b1 must be [E, h] = {(E, h)}, got {tuple(b1.shape)}")
+    if tuple(b2.shape) != (E, w2.shape[1]):
+        raise ValueError(f"b2 must be [E, d_out] = {(E, w2.shape[1])}, got {tuple(b2.shape)}")
+    if plan.num_experts != E:
+        raise ValueError(f"plan routes to {plan.num_experts} experts but the weights hold {E}")
+    if plan.num_tokens != T:
+        raise ValueError(f"plan covers {plan.num_tokens} tokens but x has {T}")
+    if gate is not None and tuple(gate.shape) != (T,):
+        raise ValueError(f"gate must be [T] = ({T},), got {tuple(gate.shape)}")
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if name != "gate" and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast the weights or use autocast")
+    if plan.device != x.device:
+        raise ValueError(f"plan is on {plan.device} but x is on {x.device}")
+
+
+def moe_ffn(
+    x: Tensor,
+    plan: RoutingPlan,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    gate: Optional[Tensor] = None,
+    activation: str = "gelu",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Top-1 routed expert FFN on ``[T, d]`` tokens; see the module docstring for layout."""
+    check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate, activation)
+    name = select_backend("moe_ffn", x.device, backend)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, gate)
+    )
+    out, _ = torch.ops.moebert.moe_ffn_fwd(
+        x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, gate, activation, name, save
+    )
+    return out

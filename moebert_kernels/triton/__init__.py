@@ -1,0 +1,1 @@
+"""Triton kernels, one family per file. Importing this package does not import triton."""

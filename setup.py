@@ -1,0 +1,84 @@
+"""Build script: a pure-Python package, plus the CUDA extension moebert_kernels._C when possible.
+
+MOEBERT_BUILD_CUDA=auto (default) builds _C when torch is a CUDA build and nvcc is found,
+otherwise prints one line and skips; =1 forces the build (and fails loudly); =0 skips it.
+TORCH_CUDA_ARCH_LIST is honoured (default here: "8.0;9.0").
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODE = os.environ.get("MOEBERT_BUILD_CUDA", "auto").lower()
+
+
+def _cuda_extension():
+    if MODE in ("0", "false", "no", "off"):
+        print("moebert-kernels: MOEBERT_BUILD_CUDA=0, skipping the CUDA extension", file=sys.stderr)
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    why = None
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        why = "torch is not importable at build time (install torch first and use --no-build-isolation)"
+    else:
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} is a CPU build"
+        elif CUDA_HOME is None:
+            why = "no CUDA toolkit found (set CUDA_HOME)"
+        elif not sources:
+            why = "csrc/ holds no sources"
+    if why is not None:
+        if MODE in ("1", "true", "yes", "on"):
+            raise RuntimeError(f"MOEBERT_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
+        print(f"moebert-kernels: skipping the CUDA extension: {why}", file=sys.stderr)
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext = CUDAExtension(
+        name="moebert_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="moebert-kernels",
+    version="0.1.0",
+    description="Fused top-1 MoE FFN and distillation-loss kernels (Triton + CUDA C++) for MoEBERT",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["moebert_kernels", "moebert_kernels.*"])
+    + ["moebert"] + ["moebert." + p for p in find_packages("python/moebert")],
+    package_dir={"moebert": "python/moebert"},
+    package_data={"moebert_kernels": ["triton/configs/*.json"], "moebert": ["data/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.6; platform_system=='Linux'",
+        "transformers>=4.50",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "pybind11",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "data": ["datasets"],
+    },
+    entry_points={"console_scripts": ["moebert=moebert.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
