@@ -86,28 +86,25 @@ def backend_status(op: str, backend: str, device: torch.device) -> tuple[bool, s
     """Whether ``backend`` can run ``op`` on ``device``, and if not, why."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if (op, backend) not in _IMPLS or not _module_exists(_IMPLS[(op, backend)]):
-        return False, f"op {op!r} has no {backend!r} implementation yet"
     if backend == "torch":
-        return True, ""
+        return (True, "") if (op, backend) in _IMPLS else (False, f"op {op!r} has no 'torch' implementation")
     if backend == "triton":
+        if not (device.type == "cuda" or (device.type == "cpu" and _triton_interpret())):
+            return False, (f"triton needs CUDA tensors (got {device.type}); "
+                           "set TRITON_INTERPRET=1 to run its kernels on CPU tensors")
         err = _triton_import_error()
         if err:
             return False, err
-        if device.type == "cuda" or (device.type == "cpu" and _triton_interpret()):
-            return True, ""
-        return False, (
-            f"triton needs CUDA tensors (got {device.type}); "
-            "set TRITON_INTERPRET=1 to run its kernels on CPU tensors"
-        )
-    # cuda
-    if device.type != "cuda":
+    elif device.type != "cuda":
         return False, f"the cuda backend needs CUDA tensors (got {device.type})"
-    from .. import _cuda
+    if (op, backend) not in _IMPLS or not _module_exists(_IMPLS[(op, backend)]):
+        return False, f"op {op!r} has no {backend!r} implementation yet"
+    if backend == "cuda":
+        from .. import _cuda
 
-    ext, why = _cuda.load()
-    if ext is None:
-        return False, why
+        ext, why = _cuda.load()
+        if ext is None:
+            return False, why
     return True, ""
 
 

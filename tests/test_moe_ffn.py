@@ -1,0 +1,166 @@
+"""The reference moe_ffn (torch backend) against an independent per-token loop."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moebert_kernels import RoutingPlan, moe_ffn
+from moebert_kernels.ops import moe_ffn_reference
+
+
+def per_token_loop(x, ids, w1, b1, w2, b2, gate=None, activation="gelu"):
+    act = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu}[activation]
+    rows = []
+    for t in range(x.shape[0]):
+        e = int(ids[t])
+        y = w2[e] @ act(w1[e] @ x[t] + b1[e]) + b2[e]
+        rows.append(y * gate[t] if gate is not None else y)
+    return torch.stack(rows) if rows else x.new_zeros(0, w2.shape[1])
+
+
+def make(T, d, h, E, dtype=torch.float64, ids=None, gate=False, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    x = torch.randn(T, d, generator=g, dtype=dtype)
+    w1 = torch.randn(E, h, d, generator=g, dtype=dtype) / d**0.5
+    b1 = torch.randn(E, h, generator=g, dtype=dtype)
+    w2 = torch.randn(E, d, h, generator=g, dtype=dtype) / h**0.5
+    b2 = torch.randn(E, d, generator=g, dtype=dtype)
+    ids = torch.randint(0, E, (T,), generator=g) if ids is None else ids
+    gt = torch.rand(T, generator=g, dtype=dtype) + 0.1 if gate else None
+    return x, ids, w1, b1, w2, b2, gt
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+CASES = {
+    "random_E4": dict(T=37, E=4),
+    "E1": dict(T=13, E=1),
+    "E8": dict(T=50, E=8),
+    "T1": dict(T=1, E=4),
+    "empty_expert": dict(T=20, E=4, ids=lambda T: torch.tensor([0, 1, 3] * 6 + [0, 1])),
+    "all_on_one": dict(T=16, E=4, ids=lambda T: torch.full((T,), 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("gate", [False, True])
+def test_reference_matches_loop(case, dtype, tol, gate):
+    c = CASES[case]
+    T, E = c["T"], c["E"]
+    ids = c["ids"](T) if "ids" in c else None
+    x, ids, w1, b1, w2, b2, g = make(T, 24, 40, E, dtype=dtype, ids=ids, gate=gate)
+    plan = RoutingPlan.from_expert_ids(ids, E)
+    out = moe_ffn(x, plan, w1, b1, w2, b2, g)
+    ref = per_token_loop(*(t.double() if t is not None and t.is_floating_point() else t
+                           for t in (x, ids, w1, b1, w2, b2, g)))
+    assert out.dtype == dtype and out.shape == (T, 24)
+    assert rel(out, ref) < tol
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+def test_other_activations(activation):
+    x, ids, w1, b1, w2, b2, _ = make(19, 16, 32, 4)
+    out = moe_ffn(x, RoutingPlan.from_expert_ids(ids, 4), w1, b1, w2, b2, activation=activation)
+    assert rel(out, per_token_loop(x, ids, w1, b1, w2, b2, activation=activation)) < 1e-12
+
+
+def test_exact_gelu_is_used():
+    # erf GELU and tanh GELU differ by ~1e-4 here; the default must be erf (BERT).
+    x, ids, w1, b1, w2, b2, _ = make(30, 16, 32, 2)
+    plan = RoutingPlan.from_expert_ids(ids, 2)
+    erf = per_token_loop(x, ids, w1, b1, w2, b2, activation="gelu")
+    tanh = per_token_loop(x, ids, w1, b1, w2, b2, activation="gelu_tanh")
+    out = moe_ffn(x, plan, w1, b1, w2, b2)
+    assert rel(out, erf) < 1e-12 < rel(out, tanh)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("ids", [None, "empty"])
+def test_gradcheck(gate, ids):
+    T, E = 7, 3
+    fixed = torch.tensor([0, 2, 0, 2, 2, 0, 0]) if ids == "empty" else None
+    x, ids, w1, b1, w2, b2, g = make(T, 5, 6, E, ids=fixed, gate=gate)
+    plan = RoutingPlan.from_expert_ids(ids, E)
+    inputs = [t.requires_grad_() for t in (x, w1, b1, w2, b2)] + ([g.requires_grad_()] if gate else [])
+
+    def f(x, w1, b1, w2, b2, *g):
+        return moe_ffn(x, plan, w1, b1, w2, b2, g[0] if g else None)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_grads_match_loop_fp32():
+    x, ids, w1, b1, w2, b2, g = make(29, 12, 20, 4, dtype=torch.float32, gate=True)
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2, b2, g)]
+    dy = torch.randn(29, 12)
+    out = moe_ffn(x, RoutingPlan.from_expert_ids(ids, 4), w1, b1, w2, b2, g)
+    grads = torch.autograd.grad(out, leaves, dy)
+    dl = [t.detach().double().requires_grad_() for t in leaves]
+    ref = per_token_loop(dl[0], ids, *dl[1:5], dl[5])
+    ref_grads = torch.autograd.grad(ref, dl, dy.double())
+    for name, a, b in zip(("x", "w1", "b1", "w2", "b2", "gate"), grads, ref_grads):
+        assert rel(a, b) < 1e-5, name
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    x, ids, w1, b1, w2, b2, g = make(11, 8, 12, 3, dtype=torch.float32, gate=True)
+    plan = RoutingPlan.from_expert_ids(ids, 3)
+    for gate in (None, g):
+        args = [t.clone().requires_grad_() for t in (x,)] + [plan.sorted_token_ids, plan.expert_offsets] + \
+            [t.clone().requires_grad_() for t in (w1, b1, w2, b2)] + \
+            [None if gate is None else gate.clone().requires_grad_(), "gelu", "torch", True]
+        opcheck(torch.ops.moebert.moe_ffn_fwd.default, tuple(args))
+        grad_out = torch.randn(11, 8)
+        bwd = (grad_out, x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, gate, x.new_empty(0),
+               "gelu", "torch", [True] * 6)
+        opcheck(torch.ops.moebert.moe_ffn_bwd.default, bwd)
+
+
+def test_no_grad_saves_nothing_and_matches():
+    x, ids, w1, b1, w2, b2, _ = make(10, 8, 8, 2, dtype=torch.float32)
+    plan = RoutingPlan.from_expert_ids(ids, 2)
+    with torch.no_grad():
+        a = moe_ffn(x, plan, w1, b1, w2, b2)
+    assert not a.requires_grad
+    assert torch.equal(a, moe_ffn(x, plan, w1, b1, w2, b2))
+
+
+BAD = [
+    (lambda a: a.update(x=a["x"][None]), ValueError, "x must be"),
+    (lambda a: a.update(w1=a["w1"][:, :, :-1]), ValueError, "w1"),
+    (lambda a: a.update(w2=a["w2"][:, :, :-1]), ValueError, "w2"),
+    (lambda a: a.update(b1=a["b1"][:, :-1]), ValueError, "b1"),
+    (lambda a: a.update(b2=a["b2"][:-1]), ValueError, "b2"),
+    (lambda a: a.update(w1=a["w1"].double()), TypeError, "dtype"),
+    (lambda a: a.update(x=a["x"].long()), TypeError, "floating"),
+    (lambda a: a.update(gate=torch.rand(3)), ValueError, "gate"),
+    (lambda a: a.update(plan=RoutingPlan.from_expert_ids(torch.zeros(9, dtype=torch.long), 4)), ValueError, "tokens"),
+    (lambda a: a.update(plan=RoutingPlan.from_expert_ids(torch.zeros(10, dtype=torch.long), 2)), ValueError,
+     "experts"),
+    (lambda a: a.update(plan="not a plan"), TypeError, "RoutingPlan"),
+    (lambda a: a.update(activation="swish"), ValueError, "activation"),
+    (lambda a: a.update(backend="nope"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,msg", BAD)
+def test_bad_input(mutate, exc, msg):
+    x, ids, w1, b1, w2, b2, _ = make(10, 8, 6, 4, dtype=torch.float32)
+    args = dict(x=x, plan=RoutingPlan.from_expert_ids(ids, 4), w1=w1, b1=b1, w2=w2, b2=b2)
+    snapshot = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    mutate(args)
+    with pytest.raises(exc, match=msg):
+        moe_ffn(**args)
+    for k, v in snapshot.items():  # bad input never changes state
+        assert torch.equal(v, {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}[k])
+
+
+def test_reference_function_is_the_backend():
+    x, ids, w1, b1, w2, b2, _ = make(10, 8, 6, 4)
+    plan = RoutingPlan.from_expert_ids(ids, 4)
+    a = moe_ffn_reference(x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2)
+    assert torch.equal(a, moe_ffn(x, plan, w1, b1, w2, b2, backend="torch"))
