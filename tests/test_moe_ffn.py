@@ -164,3 +164,10 @@ def test_reference_function_is_the_backend():
     plan = RoutingPlan.from_expert_ids(ids, 4)
     a = moe_ffn_reference(x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2)
     assert torch.equal(a, moe_ffn(x, plan, w1, b1, w2, b2, backend="torch"))
+
+
+def test_device_mismatch_is_named():
+    x, ids, w1, b1, w2, b2, _ = make(6, 8, 6, 2, dtype=torch.float32)
+    plan = RoutingPlan.from_expert_ids(ids, 2)
+    with pytest.raises(ValueError, match="w2 is on meta"):
+        moe_ffn(x, plan, w1, b1, w2.to("meta"), b2)
