@@ -43,8 +43,8 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
