@@ -3,12 +3,16 @@ from . import ops
 from .hf import SUPPORTED_MODEL_TYPES, MoEBertSettings, aux_loss, expert_neuron_ids, from_pretrained, moe_layers, patch
 from .modules import (BalancedHashRouter, HashRouter, MoEFeedForward, SentenceGate, TokenGate)
 from .ops import BackendUnavailableError, RoutingPlan, moe_ffn, select_backend
+from .ops import DistillOutput, distill_loss, distill_loss_reference
+from .modules import DistillationLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "BalancedHashRouter",
+    "DistillOutput",
+    "DistillationLoss",
     "HashRouter",
     "MoEBertSettings",
     "MoEFeedForward",
@@ -17,6 +21,8 @@ __all__ = [
     "SentenceGate",
     "TokenGate",
     "aux_loss",
+    "distill_loss",
+    "distill_loss_reference",
     "expert_neuron_ids",
     "from_pretrained",
     "moe_ffn",

@@ -7,15 +7,19 @@ from .dispatch import (
     select_backend,
 )
 from .moe_ffn import ACTIVATIONS, moe_ffn, moe_ffn_reference
+from .distill_loss import DistillOutput, distill_loss, distill_loss_reference
 from .routing import RoutingPlan, plans_from_expert_ids
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "BackendUnavailableError",
+    "DistillOutput",
     "RoutingPlan",
     "available_backends",
     "backend_status",
+    "distill_loss",
+    "distill_loss_reference",
     "moe_ffn",
     "moe_ffn_reference",
     "plans_from_expert_ids",
