@@ -1,0 +1,420 @@
+"""Triton kernels of the top-1 routed expert FFN; launchers live in ``moe_ffn.py``.
+
+Every kernel maps its program to work through ``_expert_tile``: the expert-ordered
+rows ``[0, T)`` are cut into tiles of ``BLOCK`` rows that never straddle an expert,
+and a program finds its tile's expert by a prefix sum over ``expert_offsets`` done in
+registers. The grid is an upper bound (``cdiv(T, BLOCK) + E`` tiles, since each expert
+adds at most one partial tile), so no host ever reads the offsets; programs past the
+last real tile exit at once.
+"""
+import triton
+import triton.language as tl
+
+# Activation codes (constexpr ints; the launcher maps the names).
+ACT_GELU = 0
+ACT_GELU_TANH = 1
+ACT_RELU = 2
+
+
+@triton.jit
+def _expert_tile(offsets_ptr, tile, E, BLOCK, E_POW2: tl.constexpr):
+    """(expert, first row, end row of that expert) of ``tile``; expert >= E means no work."""
+    ar = tl.arange(0, E_POW2)
+    e_mask = ar < E
+    lo = tl.load(offsets_ptr + ar, mask=e_mask, other=0)
+    hi = tl.load(offsets_ptr + ar + 1, mask=e_mask, other=0)
+    ntiles = (hi - lo + BLOCK - 1) // BLOCK
+    ends = tl.cumsum(ntiles, 0)
+    # Lanes past E hold ends == total, so they only count once the tile is out of range.
+    e = tl.sum((ends <= tile).to(tl.int32), 0)
+    sel = ar == e
+    first_tile = tl.sum(tl.where(sel, ends - ntiles, 0), 0)
+    row_lo = tl.sum(tl.where(sel, lo, 0), 0)
+    row_end = tl.sum(tl.where(sel, hi, 0), 0)
+    return e, row_lo + (tile - first_tile) * BLOCK, row_end
+
+
+@triton.jit
+def _activation(h, ACTIVATION: tl.constexpr):
+    # h: fp32 pre-activation
+    if ACTIVATION == 0:  # exact erf GELU, as BERT uses
+        return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACTIVATION == 1:  # tanh GELU; h * (1 + tanh(u)) / 2 == h * sigmoid(2u)
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        return h * tl.sigmoid(2.0 * u)
+    else:
+        return tl.maximum(h, 0.0)
+
+
+@triton.jit
+def _activation_grad(h, ACTIVATION: tl.constexpr):
+    """(act(h), act'(h)) in fp32."""
+    if ACTIVATION == 0:
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+        return h * cdf, cdf + h * pdf
+    elif ACTIVATION == 1:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        s = tl.sigmoid(2.0 * u)
+        du = 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        return h * s, s + 2.0 * h * s * (1.0 - s) * du
+    else:
+        return tl.maximum(h, 0.0), tl.where(h > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _rows_times_weight(
+    A_ptr,  # [*, K] row-major activations; rows picked by a_rows
+    stride_am,
+    a_rows,  # [BLOCK_M] int64 row indices into A
+    row_mask,  # [BLOCK_M]
+    W_ptr,  # one expert's weight, read as B[k, n] through the strides
+    stride_wk,
+    stride_wn,
+    offs_n,  # [BLOCK_N]
+    n_mask,
+    V_ptr,  # [K] vector dotted with every A row when ROWDOT (b2 in the backward)
+    K,
+    ROWDOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc[m, n] = sum_k A[a_rows[m], k] * B[k, n] in fp32; optionally rowdot[m] = A[a_rows[m]] . V."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = W_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if ROWDOT:
+            v = tl.load(V_ptr + k * BLOCK_K + offs_k, mask=offs_k < K - k * BLOCK_K, other=0.0)
+            rowdot += tl.sum(a.to(tl.float32) * v.to(tl.float32)[None, :], 1)
+        if UPCAST:  # the interpreter's tl.dot is wrong for bf16 inputs
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, rowdot
+
+
+@triton.jit
+def _moe_ffn_up_kernel(
+    X_ptr,  # [T, K] token order (x)
+    W_ptr,  # [E, N, K] (w1), read transposed
+    B_ptr,  # [E, N] (b1)
+    tok_ptr,  # [T] int64 sorted_token_ids
+    offsets_ptr,  # [E+1] int64 expert_offsets
+    ACT_ptr,  # [T, N] expert order: act(x W1^T + b1), written when STORE_ACT
+    H_ptr,  # [T, N] expert order: pre-activation, written when STORE_H
+    E,
+    N,
+    K,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    ACTIVATION: tl.constexpr,
+    STORE_ACT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """GEMM1: gather rows of x through the plan, add b1, activate, write in expert order."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # n fastest: the programs of one row tile run together and share its gathered x rows in L2.
+    tile_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    e, row_start, row_end = _expert_tile(offsets_ptr, tile_m, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    offs_r = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = offs_r < row_end
+    tok = tl.load(tok_ptr + offs_r, mask=row_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc, _ = _rows_times_weight(X_ptr, stride_xm, tok, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
+                                stride_wn, offs_n, n_mask, B_ptr, K, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                UPCAST, PRECISION)
+    bias = tl.load(B_ptr + e * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    h = acc + bias[None, :]
+    out_off = offs_r[:, None] * N + offs_n[None, :]
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    if STORE_H:
+        tl.store(H_ptr + out_off, h.to(H_ptr.dtype.element_ty), mask=out_mask)
+    if STORE_ACT:
+        tl.store(ACT_ptr + out_off, _activation(h, ACTIVATION).to(ACT_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _moe_ffn_down_kernel(
+    A_ptr,  # [T, K] expert order (activation in the forward, dH in the backward)
+    W_ptr,  # [E, ...] expert weight read as B[k, n] (w2 transposed fwd, w1 as is for dX)
+    B_ptr,  # [E, N] bias (b2) when HAS_BIAS
+    gate_ptr,  # [T] token order, when HAS_GATE
+    tok_ptr,  # [T] int64 sorted_token_ids
+    offsets_ptr,  # [E+1] int64 expert_offsets
+    OUT_ptr,  # [T, N] token order
+    E,
+    N,
+    K,
+    stride_am,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """GEMM2 / dX: expert-ordered rows times the expert weight, scattered to token order.
+
+    Top-1 routing writes every token row exactly once, so the scatter is a plain store.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    e, row_start, row_end = _expert_tile(offsets_ptr, tile_m, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    offs_r = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = offs_r < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc, _ = _rows_times_weight(A_ptr, stride_am, offs_r, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
+                                stride_wn, offs_n, n_mask, B_ptr, K, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                UPCAST, PRECISION)
+    tok = tl.load(tok_ptr + offs_r, mask=row_mask, other=0).to(tl.int64)
+    if HAS_BIAS:
+        bias = tl.load(B_ptr + e * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    if HAS_GATE:
+        g = tl.load(gate_ptr + tok, mask=row_mask, other=0.0).to(tl.float32)
+        acc *= g[:, None]
+    tl.store(OUT_ptr + tok[:, None] * N + offs_n[None, :], acc.to(OUT_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_ffn_bwd_hidden_kernel(
+    G_ptr,  # [T, K] token order grad_out (K = d_out)
+    W_ptr,  # [E, K, N] (w2), read as is
+    B2_ptr,  # [E, K] (b2), for the dgate term G . b2
+    gate_ptr,  # [T] token order, when HAS_GATE
+    tok_ptr,  # [T] int64 sorted_token_ids
+    offsets_ptr,  # [E+1] int64 expert_offsets
+    H_ptr,  # [T, N] expert order: saved pre-activation
+    DH_ptr,  # [T, N] expert order: dL/d(pre-activation), written when STORE_DH
+    ACT_ptr,  # [T, N] expert order: act(H) recomputed for dW2, written when STORE_ACT
+    DGATE_ptr,  # [cdiv(N, BLOCK_N), T] fp32 partial row sums, token order, when DGATE
+    E,
+    N,
+    K,
+    T,
+    stride_gm,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    ACTIVATION: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    STORE_DH: tl.constexpr,
+    STORE_ACT: tl.constexpr,
+    DGATE: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """P = gather(G) W2[e]; dH = g * P * act'(H); dgate partial = rowsum(act(H) * P) (+ G . b2 once).
+
+    The dgate identity: rowsum(G * (W2 a + b2)) = rowsum(a * (G W2)) + G . b2, so the
+    ungated output never has to be recomputed.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    e, row_start, row_end = _expert_tile(offsets_ptr, tile_m, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    offs_r = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = offs_r < row_end
+    tok = tl.load(tok_ptr + offs_r, mask=row_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    p, gb = _rows_times_weight(G_ptr, stride_gm, tok, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
+                               stride_wn, offs_n, n_mask, B2_ptr + e * K, K, DGATE, BLOCK_M, BLOCK_N, BLOCK_K,
+                               EVEN_K, UPCAST, PRECISION)
+    off = offs_r[:, None] * N + offs_n[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    h = tl.load(H_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    a, da = _activation_grad(h, ACTIVATION)
+    if STORE_ACT:
+        tl.store(ACT_ptr + off, a.to(ACT_ptr.dtype.element_ty), mask=mask)
+    if DGATE:
+        part = tl.sum(a * p, 1) + tl.where(pid_n == 0, gb, 0.0)
+        tl.store(DGATE_ptr + pid_n * T + tok, part, mask=row_mask)
+    if STORE_DH:
+        dh = p * da
+        if HAS_GATE:
+            g = tl.load(gate_ptr + tok, mask=row_mask, other=0.0).to(tl.float32)
+            dh *= g[:, None]
+        tl.store(DH_ptr + off, dh.to(DH_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_ffn_dw_kernel(
+    L_ptr,  # [T, M] rows: expert order (dH) or token order (grad_out, L_GATHER)
+    R_ptr,  # [T, N] rows: token order (x, R_GATHER) or expert order (activation)
+    gate_ptr,  # [T] token order; scales L rows when L_GATE
+    tok_ptr,  # [T] int64 sorted_token_ids
+    offsets_ptr,  # [E+1] int64 expert_offsets
+    PW_ptr,  # [C, M, N] fp32 partial dW, one slab per token chunk
+    PB_ptr,  # [C, M] fp32 partial db
+    E,
+    M,
+    N,
+    stride_lm,
+    stride_rm,
+    CHUNK,  # token rows per chunk, a multiple of BLOCK_K (runtime: it follows T)
+    L_GATHER: tl.constexpr,
+    L_GATE: tl.constexpr,
+    R_GATHER: tl.constexpr,
+    LOAD_TOK: tl.constexpr,  # L_GATHER or R_GATHER (one flag: older Triton has no constexpr `or`)
+    COMPUTE_W: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Split-K over tokens: partial dW[chunk] = L[rows]^T R[rows], db[chunk] = colsum L[rows].
+
+    Program (tile, chunk): chunks are CHUNK expert-ordered rows inside one expert, so
+    an expert with many tokens is spread over many programs and E=4 still fills the GPU.
+    """
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    e, row_start, row_end = _expert_tile(offsets_ptr, chunk, E, CHUNK, E_POW2)
+    if e >= E:
+        return
+    row_stop = tl.minimum(row_start + CHUNK, row_end)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for r0 in range(row_start, row_stop, BLOCK_K):
+        offs_r = (r0 + offs_k).to(tl.int64)
+        r_mask = offs_r < row_stop
+        if LOAD_TOK:
+            tok = tl.load(tok_ptr + offs_r, mask=r_mask, other=0).to(tl.int64)
+        if L_GATHER:
+            l_rows = tok
+        else:
+            l_rows = offs_r
+        lt = tl.load(L_ptr + l_rows[:, None] * stride_lm + offs_m[None, :], mask=r_mask[:, None] & m_mask[None, :],
+                     other=0.0)  # [BLOCK_K, BLOCK_M]
+        if L_GATE:
+            g = tl.load(gate_ptr + tok, mask=r_mask, other=0.0).to(tl.float32)
+            lt32 = lt.to(tl.float32) * g[:, None]
+            db += tl.sum(lt32, 0)
+            lt = lt32.to(L_ptr.dtype.element_ty)
+        else:
+            db += tl.sum(lt.to(tl.float32), 0)
+        if COMPUTE_W:
+            if R_GATHER:
+                r_rows = tok
+            else:
+                r_rows = offs_r
+            rt = tl.load(R_ptr + r_rows[:, None] * stride_rm + offs_n[None, :],
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+            if UPCAST:
+                lt = lt.to(tl.float32)
+                rt = rt.to(tl.float32)
+            acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
+    c64 = chunk.to(tl.int64)
+    if COMPUTE_W:
+        tl.store(PW_ptr + c64 * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=m_mask[:, None] & n_mask[None, :])
+    if pid_n == 0:
+        tl.store(PB_ptr + c64 * M + offs_m, db, mask=m_mask)
+
+
+@triton.jit
+def _moe_ffn_dw_reduce_kernel(
+    PW_ptr,  # [C, MN] fp32 partial dW
+    PB_ptr,  # [C, M] fp32 partial db
+    DW_ptr,  # [E, MN] weight dtype
+    DB_ptr,  # [E, M] bias dtype
+    offsets_ptr,  # [E+1] int64 expert_offsets
+    E,
+    MN,
+    M,
+    CHUNK,
+    E_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """dW[e] = sum of expert e's chunk partials, in a fixed order (deterministic); 0 for an empty expert.
+
+    Indices [0, MN) are the weight, [MN, MN + M) the bias, so one launch does both
+    (the launcher passes MN = 0 when only the bias is wanted).
+    """
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    ar = tl.arange(0, E_POW2)
+    e_mask = ar < E
+    lo = tl.load(offsets_ptr + ar, mask=e_mask, other=0)
+    hi = tl.load(offsets_ptr + ar + 1, mask=e_mask, other=0)
+    nchunks = (hi - lo + CHUNK - 1) // CHUNK
+    ends = tl.cumsum(nchunks, 0)
+    sel = ar == e
+    c_end = tl.sum(tl.where(sel, ends, 0), 0)
+    c_start = c_end - tl.sum(tl.where(sel, nchunks, 0), 0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    w_mask = offs < MN
+    b_mask = (offs >= MN) & (offs < MN + M)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    # c_start is int64 (offsets are), so these slab offsets cannot overflow int32.
+    pw_ptrs = PW_ptr + c_start * MN + offs
+    pb_ptrs = PB_ptr + c_start * M + (offs - MN)
+    for _ in range(c_start, c_end):
+        acc += tl.load(pw_ptrs, mask=w_mask, other=0.0)
+        acc += tl.load(pb_ptrs, mask=b_mask, other=0.0)
+        pw_ptrs += MN
+        pb_ptrs += M
+    e64 = e.to(tl.int64)
+    tl.store(DW_ptr + e64 * MN + offs, acc.to(DW_ptr.dtype.element_ty), mask=w_mask)
+    tl.store(DB_ptr + e64 * M + (offs - MN), acc.to(DB_ptr.dtype.element_ty), mask=b_mask)
