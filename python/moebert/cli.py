@@ -1,39 +1,145 @@
-"""The `moebert` command."""
+"""The `moebert` command: finetune -> importance -> convert -> distill -> evaluate, plus predict and demo.
+
+Every command reads a task's data from local CSV/TSV/JSONL files (--data, with
+--text-column/--label-column/--split-column), or, for GLUE tasks and SQuAD without --data,
+from the Hugging Face hub through the optional `datasets` package.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 
-def _demo(args) -> int:
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+def _data_args(p: argparse.ArgumentParser, split: str = "train", labels: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", required=True, help="glue task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), "
+                                                 "squad, movie_reviews, or classification/regression for own files")
+    g.add_argument("--data", help="local CSV/TSV/JSONL file (default: the task's hub dataset or shipped file)")
+    g.add_argument("--split", default=split, help=f"split to use (default: {split}); with --split-column, the "
+                                                  "rows whose split column has this value")
+    g.add_argument("--text-column", action="append",
+                   help="text column; give it twice for sentence pairs (default: the task's)")
+    if labels:
+        g.add_argument("--label-column", help="label column (default: the task's, usually 'label')")
+    g.add_argument("--split-column", help="column that names each row's split, if the file holds several")
+    g.add_argument("--skip-rows", type=int, default=0, help="skip the first N rows of the split")
+    g.add_argument("--max-rows", type=int, help="use only the first N rows (after --skip-rows)")
+    g.add_argument("--max-length", type=int, help="max tokens per example (default: the task's, 128 for GLUE)")
 
-    import moebert_kernels as mk
 
-    torch.manual_seed(args.seed)
-    cfg = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=512, max_position_embeddings=128)
-    dense = BertForSequenceClassification(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (4, 32))
-    with torch.no_grad():
-        ref = dense(ids).logits
-        mk.patch(dense, num_experts=4, expert_size=192, shared=128, seed=args.seed)
-        out = dense(ids).logits
-    total = sum(p.numel() for p in dense.parameters())
-    print(f"patched {len(mk.moe_layers(dense))} layers; params {total:,}; "
-          f"max |logit change| {float((out - ref).abs().max()):.3e}")
-    return 0
+def _train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults per task: see moebert.tasks)")
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--batch-size", type=int, help="per-device batch size")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (overrides --epochs)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-ratio", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (output/checkpoint-N)")
+    g.add_argument("--logging-steps", type=int, default=50)
+    g.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="resume from the newest checkpoint in --output, or from the given checkpoint folder")
+    g.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    g.add_argument("--precision", default="auto", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moebert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="fine-tune a dense teacher on a task")
+    p.add_argument("--model", required=True, help="pretrained BERT-family folder (or hub id)")
+    p.add_argument("--output", required=True)
+    _data_args(p)
+    _train_args(p)
+    p.set_defaults(func=lambda a: __import__("moebert.finetune", fromlist=["run"]).run(a))
+
+    p = sub.add_parser("importance", help="neuron importance of the teacher's FFNs (train split by default)")
+    p.add_argument("--model", required=True, help="fine-tuned dense teacher")
+    p.add_argument("--output", required=True, help="safetensors file to write")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _data_args(p)
+    p.set_defaults(func=lambda a: __import__("moebert.importance", fromlist=["run"]).run(a))
+
+    p = sub.add_parser("convert", help="patch the teacher into MoEBERT with the importance and save it")
+    p.add_argument("--model", required=True, help="fine-tuned dense teacher")
+    p.add_argument("--task", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--importance", help="file from `moebert importance`")
+    p.add_argument("--no-importance", action="store_true", help="keep the dense neuron order (no importance)")
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--expert-size", type=int, help="neurons per expert (default: d_ff/4, 768 for BERT-base)")
+    p.add_argument("--shared", type=int, help="neurons shared by all experts (default: 2/3 of --expert-size)")
+    p.add_argument("--router", default="hash", help="hash (paper default), balanced_hash, token_gate, sentence_gate")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data for balanced_hash token counts")
+    g.add_argument("--data")
+    g.add_argument("--text-column", action="append")
+    g.add_argument("--label-column")
+    g.add_argument("--split-column")
+    g.add_argument("--max-rows", type=int)
+    p.set_defaults(func=lambda a: __import__("moebert.convert", fromlist=["run"]).run(a))
+
+    p = sub.add_parser("distill", help="layer-wise distillation of the student from the teacher (HF Trainer)")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True, help="converted MoEBERT checkpoint")
+    p.add_argument("--output", required=True)
+    _data_args(p)
+    _train_args(p)
+    g = p.add_argument_group("distillation loss")
+    g.add_argument("--lam", type=float, help="weight of the distillation terms (paper's lambda_distill)")
+    g.add_argument("--alpha-ce", type=float, default=1.0, help="weight of the task loss on labels")
+    g.add_argument("--pred-loss", choices=["sym_kl", "kl", "mse"], help="default: sym_kl, mse for regression")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--mask-padding", action="store_true", help="leave padding tokens out of the hidden MSE")
+    g.add_argument("--aux-weight", type=float, default=0.01, help="weight of gate routers' balancing loss")
+    p.set_defaults(func=lambda a: __import__("moebert.distill", fromlist=["run"]).run(a))
+
+    p = sub.add_parser("evaluate", help="task metrics (GLUE conventions / SQuAD EM-F1) and throughput")
+    p.add_argument("--model", required=True, help="teacher or MoEBERT checkpoint")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="also write the metrics as JSON here")
+    p.add_argument("--no-throughput", action="store_true")
+    _data_args(p, split="dev")
+    p.set_defaults(func=lambda a: __import__("moebert.evaluate", fromlist=["run_evaluate"]).run_evaluate(a))
+
+    p = sub.add_parser("predict", help="classify text in batches (JSON lines out)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--text", action="append", help="a text to classify (repeatable; tab separates a pair)")
+    p.add_argument("--data", help="file of texts (CSV/TSV/JSONL)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--text-column", action="append")
+    p.add_argument("--split-column")
+    p.add_argument("--max-rows", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="JSON lines file (default: stdout)")
+    p.set_defaults(func=lambda a: __import__("moebert.evaluate", fromlist=["run_predict"]).run_predict(a))
+
+    p = sub.add_parser("demo", help="the whole chain on the embedded model and movie-review data (offline)")
+    from .demo import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=lambda a: __import__("moebert.demo", fromlist=["run"]).run(a))
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="moebert", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the whole MoEBERT chain on the embedded default")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        if getattr(args, "debug", False) or __import__("os").environ.get("MOEBERT_DEBUG"):
+            raise
+        print(f"moebert {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

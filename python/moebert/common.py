@@ -1,0 +1,192 @@
+"""Shared helpers: loading teachers and students, devices, precision, Trainer arguments."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Optional
+
+import torch
+
+from .tasks import TaskSpec
+
+__all__ = ["resolve_device", "resolve_precision", "load_config", "is_moebert_checkpoint", "load_teacher",
+           "load_student", "load_any", "load_tokenizer", "training_arguments", "parameter_counts"]
+
+
+def resolve_device(device: Optional[str]) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but torch {torch.__version__} sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu, cuda[:N] or auto, got {device!r}")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """fp32 on CPU; on CUDA ``auto`` picks bf16 where supported, else fp16."""
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    if not device.startswith("cuda"):
+        if precision in ("fp16", "bf16"):
+            raise ValueError(f"--precision {precision} needs a CUDA device (training here runs in fp32)")
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def load_config(path: str):
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} holds no config.json: not a Hugging Face model folder")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the model config in {path}: {e}") from None
+
+
+def is_moebert_checkpoint(path: str) -> bool:
+    with open(os.path.join(path, "config.json")) as f:
+        return isinstance(json.load(f).get("moebert"), dict)
+
+
+def _check_family(config, path: str, role: str) -> None:
+    from moebert_kernels import SUPPORTED_MODEL_TYPES
+
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{role} checkpoint {path} is a {config.model_type!r} model; MoEBERT supports "
+                         f"{list(SUPPORTED_MODEL_TYPES)} (BERT-family encoders)")
+
+
+def _head_class(task: TaskSpec):
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    return AutoModelForQuestionAnswering if task.qa else AutoModelForSequenceClassification
+
+
+def load_teacher(path: str, task: TaskSpec, num_labels: Optional[int] = None, id2label: Optional[dict] = None,
+                 device: Optional[str] = None):
+    """A dense BERT-family model with the task's head (new head when ``path`` is a bare encoder)."""
+    config = load_config(path)
+    _check_family(config, path, "teacher")
+    if is_moebert_checkpoint(path):
+        raise ValueError(f"{path} is already a MoEBERT (converted) checkpoint; a dense teacher is needed here")
+    kw = {}
+    if not task.qa:
+        kw["num_labels"] = num_labels or task.num_labels
+        if id2label:
+            kw["id2label"] = {int(k): v for k, v in id2label.items()}
+            kw["label2id"] = {v: int(k) for k, v in id2label.items()}
+        if task.is_regression:
+            kw["problem_type"] = "regression"
+    model = _head_class(task).from_pretrained(path, **kw)
+    _check_head(model, task, path)
+    return model.to(device) if device else model
+
+
+def load_student(path: str, task: Optional[TaskSpec] = None, device: Optional[str] = None):
+    import moebert_kernels as mk
+
+    config = load_config(path)
+    _check_family(config, path, "student")
+    if not is_moebert_checkpoint(path):
+        raise ValueError(f"{path} is a dense {config.model_type!r} checkpoint, not a MoEBERT one: "
+                         "run `moebert convert` on it first")
+    model = mk.from_pretrained(path, device=device)
+    if task is not None:
+        _check_head(model, task, path)
+    return model
+
+
+def load_any(path: str, task: TaskSpec, device: Optional[str] = None):
+    """Teacher or student, whichever the folder holds (for evaluate/predict)."""
+    load_config(path)
+    if is_moebert_checkpoint(path):
+        return load_student(path, task, device)
+    return load_teacher(path, task, device=device, num_labels=load_config(path).num_labels if not task.qa else None)
+
+
+def _check_head(model, task: TaskSpec, path: str) -> None:
+    name = type(model).__name__
+    if task.qa and not name.endswith("ForQuestionAnswering"):
+        raise ValueError(f"{path} holds a {name}; task {task.name!r} needs a question-answering model")
+    if not task.qa:
+        if not name.endswith("ForSequenceClassification"):
+            raise ValueError(f"{path} holds a {name}; task {task.name!r} needs a sequence-classification model")
+        n = model.config.num_labels
+        if task.is_regression and n != 1:
+            raise ValueError(f"{path} has {n} labels; the regression task {task.name!r} needs 1")
+        if not task.is_regression and task.name not in ("classification",) and n != task.num_labels:
+            raise ValueError(f"{path} has {n} labels; task {task.name!r} has {task.num_labels}")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+def training_arguments(output_dir: str, *, learning_rate: float, batch_size: int, epochs: float, device: str,
+                       precision: str, seed: int = 0, max_steps: int = -1, weight_decay: float = 0.0,
+                       warmup_ratio: float = 0.0, save_steps: int = 500, save_total_limit: Optional[int] = 2,
+                       logging_steps: int = 50, gradient_accumulation_steps: int = 1, ddp_backend: Optional[str] = None,
+                       dataloader_num_workers: int = 0):
+    """TrainingArguments for both finetune and distill; torchrun/accelerate set the world size."""
+    from transformers import TrainingArguments
+
+    if ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not device.startswith("cuda"):
+        ddp_backend = "gloo"
+    kw = dict(
+        output_dir=output_dir,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        weight_decay=weight_decay,
+        seed=seed,
+        data_seed=seed,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        use_cpu=not device.startswith("cuda"),
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        logging_steps=logging_steps,
+        report_to="none",
+        remove_unused_columns=False,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        ddp_backend=ddp_backend,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=dataloader_num_workers,
+    )
+    accepted = inspect.signature(TrainingArguments.__init__).parameters
+    # transformers 5.x folded warmup_ratio into a float warmup_steps; older releases have both.
+    if "warmup_ratio" in accepted:
+        kw["warmup_ratio"] = warmup_ratio
+    elif warmup_ratio:
+        kw["warmup_steps"] = float(warmup_ratio)
+    if "save_safetensors" in accepted:
+        kw["save_safetensors"] = True
+    return TrainingArguments(**kw)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(total, active per token): a token runs one expert of each MoE layer."""
+    import moebert_kernels as mk
+
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for layer in mk.moe_layers(model):
+        E = layer.num_experts
+        expert = sum(p.numel() for n, p in layer.named_parameters(recurse=False))
+        inactive += expert - expert // E
+    return total, total - inactive

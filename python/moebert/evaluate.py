@@ -1,0 +1,176 @@
+"""``moebert evaluate`` (task metrics + throughput) and ``moebert predict`` (batched inference).
+
+A MoEBERT model routes through a forward pre-hook that builds every layer's hash plan once
+per batch from ``input_ids``, so plain batched calls here get one routing plan per batch.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ["predict_logits", "score", "throughput", "run_evaluate", "run_predict"]
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _batches(feats: list[dict], tokenizer, batch_size: int):
+    from .data import Collator
+
+    collate = Collator(tokenizer)
+    for i in range(0, len(feats), batch_size):
+        yield collate(feats[i:i + batch_size])
+
+
+@torch.no_grad()
+def predict_logits(model, feats: list[dict], tokenizer, batch_size: int = 64, device: str = "cpu"):
+    """Logits for every feature, in order: ``[N, C]`` numpy, or ``(start, end)`` lists for QA."""
+    model.eval()
+    outs, starts, ends = [], [], []
+    for batch in _batches(feats, tokenizer, batch_size):
+        inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUTS}
+        out = model(**inputs)
+        if hasattr(out, "start_logits"):
+            mask = inputs["attention_mask"]
+            for s, e, m in zip(out.start_logits.float().cpu(), out.end_logits.float().cpu(), mask.cpu()):
+                n = int(m.sum())
+                starts.append(s[:n].numpy())
+                ends.append(e[:n].numpy())
+        else:
+            outs.append(out.logits.float().cpu().numpy())
+    return (starts, ends) if starts else np.concatenate(outs)
+
+
+def _best_span(start: np.ndarray, end: np.ndarray, offsets: list, max_answer: int = 30) -> Optional[tuple]:
+    best, span = -np.inf, None
+    context = [k for k, o in enumerate(offsets[:len(start)]) if o is not None]
+    if not context:
+        return None
+    order_s = sorted(context, key=lambda k: -start[k])[:20]
+    order_e = sorted(context, key=lambda k: -end[k])[:20]
+    for s in order_s:
+        for e in order_e:
+            if s <= e < s + max_answer and start[s] + end[e] > best:
+                best, span = start[s] + end[e], (s, e)
+    return span
+
+
+def score(task, logits, feats: list[dict], contexts: Optional[list[str]] = None, golds=None) -> dict:
+    """Task metrics from logits (GLUE conventions; SQuAD EM/F1 for QA)."""
+    from .metrics import compute_metrics, squad_scores
+
+    if task.qa:
+        starts, ends = logits
+        preds = []
+        for f, s, e, ctx in zip(feats, starts, ends, contexts):
+            span = _best_span(s, e, f["offset_mapping"])
+            preds.append("" if span is None else ctx[f["offset_mapping"][span[0]][0]:f["offset_mapping"][span[1]][1]])
+        return squad_scores(preds, golds)
+    gold = np.array([f["labels"] for f in feats])
+    pred = logits[:, 0] if task.is_regression else logits.argmax(-1)
+    return compute_metrics(task.metrics, pred, gold)
+
+
+@torch.no_grad()
+def throughput(model, feats: list[dict], tokenizer, batch_size: int = 64, device: str = "cpu",
+               repeats: int = 3, warmup: int = 1) -> float:
+    """Examples per second of batched inference over ``feats`` (best of ``repeats`` passes)."""
+    model.eval()
+    batches = [{k: v.to(device) for k, v in b.items() if k in _INPUTS}
+               for b in _batches(feats, tokenizer, batch_size)]
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        model(**batches[0])
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in batches:
+            model(**b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return len(feats) / best
+
+
+def _golds(task, rows):
+    from .data import _answer
+
+    if not task.qa or rows.labels is None:
+        return None
+    out = []
+    for raw in rows.labels:
+        if isinstance(raw, str):
+            raw = json.loads(raw)
+        texts = raw["text"] if isinstance(raw["text"], list) else [raw["text"]]
+        out.append(texts or [_answer(raw)[0]])
+    return out
+
+
+def run_evaluate(args) -> int:
+    from .common import load_any, load_tokenizer, parameter_counts, resolve_device
+    from .data import encode, label_maps, rows_from_args
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    device = resolve_device(args.device)
+    model = load_any(args.model, task, device)
+    tokenizer = load_tokenizer(args.model)
+    rows = rows_from_args(task, args)
+    feats = encode(tokenizer, task, rows, args.max_length or 128, label_maps(task, rows.labels, model.config),
+                   getattr(model.config, "num_labels", task.num_labels))
+    logits = predict_logits(model, feats, tokenizer, args.batch_size, device)
+    result = score(task, logits, feats, [t[1] for t in rows.texts] if task.qa else None, _golds(task, rows))
+    if not args.no_throughput:
+        result["examples_per_s"] = throughput(model, feats, tokenizer, args.batch_size, device)
+    total, active = parameter_counts(model)
+    result.update(params_total=total, params_active=active, examples=len(rows), split=args.split)
+    print(json.dumps(result, indent=2))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def run_predict(args) -> int:
+    from .common import load_any, load_tokenizer, resolve_device
+    from .data import Rows, encode, load_rows
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    device = resolve_device(args.device)
+    model = load_any(args.model, task, device)
+    tokenizer = load_tokenizer(args.model)
+    if args.text:
+        rows = Rows([tuple(t.split("\t")) if task.qa else (t,) for t in args.text], None, "--text")
+    else:
+        if not args.data:
+            raise ValueError("predict needs --data FILE or one or more --text")
+        rows = load_rows(task, args.split, args.data, args.text_column, None, args.split_column, args.max_rows,
+                         require_labels=False)
+        rows.labels = None
+    feats = encode(tokenizer, task, rows, args.max_length or 128)
+    logits = predict_logits(model, feats, tokenizer, args.batch_size, device)
+    out = open(args.output, "w") if args.output else sys.stdout
+    id2label = getattr(model.config, "id2label", None) or {}
+    try:
+        for i, t in enumerate(rows.texts):
+            if task.qa:
+                span = _best_span(logits[0][i], logits[1][i], feats[i]["offset_mapping"])
+                om = feats[i]["offset_mapping"]
+                rec = {"question": t[0], "answer": "" if span is None else t[1][om[span[0]][0]:om[span[1]][1]]}
+            elif task.is_regression:
+                rec = {"text": list(t), "score": float(logits[i, 0])}
+            else:
+                p = torch.softmax(torch.from_numpy(logits[i]), -1)
+                k = int(p.argmax())
+                rec = {"text": list(t) if len(t) > 1 else t[0], "label": id2label.get(k, k), "label_id": k,
+                       "prob": round(float(p[k]), 6)}
+            out.write(json.dumps(rec) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
