@@ -336,7 +336,9 @@ def _backward(ctx, grad_stats, _grad_hidden, _grad_logits):
     # Only stats[0] (the loss) is differentiable; the components are handed out detached.
     go = grad_stats[0]
     saved = ctx.saved_tensors
-    if torch.compiler.is_compiling():
+    traced = torch.compiler.is_compiling() or any(type(t) is not Tensor for t in (go, *saved))
+    if traced or torch.is_grad_enabled():
+        # Under tracing (torch.compile, AOT, fake tensors) or create_graph, stay functional.
         scaled = [g * go.to(g.dtype) for g in saved]
     else:
         # In place, as Liger's cross entropy: the saved gradients are private to this graph, and scaling them
