@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["DistillTrainer", "run"]
+__all__ = ["DistillTrainer", "build_trainer", "make_loss", "run"]
 
 _TARGETS = ("labels", "start_positions", "end_positions")
 
@@ -91,11 +91,12 @@ def make_loss(task, lam: float, alpha_ce: float, pred_loss: Optional[str], tempe
                             mask_padding=mask_padding)
 
 
-def run(args) -> int:
+def build_trainer(args):
+    """(trainer, tokenizer, rows) for ``moebert distill``'s arguments; ``run`` trains and saves."""
     from .common import load_config, load_student, load_teacher, load_tokenizer, resolve_device, resolve_precision
     from .common import training_arguments
     from .data import Collator, encode, label_maps, rows_from_args
-    from .finetune import _resume, fill_defaults
+    from .finetune import fill_defaults
     from .tasks import distill_defaults, get_task
 
     task = get_task(args.task)
@@ -126,6 +127,15 @@ def run(args) -> int:
     trainer = _make_trainer_class()(model=student, args=targs, data_collator=Collator(tokenizer),
                                     train_dataset=feats, teacher=teacher, loss_fn=loss_fn,
                                     aux_weight=args.aux_weight)
+    return trainer, tokenizer, rows
+
+
+def run(args) -> int:
+    from .finetune import _resume
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    trainer, tokenizer, rows = build_trainer(args)
     trainer.train(resume_from_checkpoint=_resume(args))
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
