@@ -154,7 +154,7 @@ def _default_config(kind, bucket, d, h, E, dtype, interpret) -> MoEFFNConfig:
         if per_expert <= 256:
             bm, bn, bk, warps, stages = 64, 64, 32, 4, 4
         else:
-            bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+            bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
     if dtype == torch.float32:  # 4-byte operands: halve the depth so the stages fit in shared memory
         bk, stages = max(16, bk // 2), min(stages, 3)
     return MoEFFNConfig(bm, bn, bk, warps, stages)
@@ -228,28 +228,37 @@ def _launch_down(a, w, stride_w, bias, gate, tok, offsets, out, cfg, common):
     )
 
 
-def _launch_dw(left, right, gate, tok, offsets, l_gather, r_gather, compute_w, E, dw, db, cfg, common):
-    """dw[e] = sum_r L[r]^T R[r], db[e] = sum_r L[r] over expert e's rows (L gate-scaled if gate)."""
+def _launch_dw(left, right, gate, tok, offsets, l_gather, r_gather, want_w, want_b, E, dw, db, cfg, common,
+               db_part=None, db_chunk=0):
+    """dw[e] = sum_r L[r]^T R[r], db[e] = sum_r L[r] over expert e's rows (L gate-scaled if gate).
+
+    ``db_part``/``db_chunk``: db partials computed elsewhere, one row per ``db_chunk``
+    expert-ordered rows; then the dW kernel skips its column sums.
+    """
     T, M = left.shape
     N = right.shape[1]
     chunk = _dw_chunk(T, M, N, cfg, left.device)
     n_chunks = triton.cdiv(T, chunk) + E  # each expert adds at most one partial chunk
-    pw = _empty((n_chunks, M, N) if compute_w else (0,), torch.float32, left.device)
-    pb = _empty((n_chunks, M), torch.float32, left.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), n_chunks)
-    _moe_ffn_dw_kernel[grid](
-        left, right, gate if gate is not None else left, tok, offsets, pw if compute_w else pb, pb,
-        E, M, N, left.stride(0), right.stride(0), chunk,
-        L_GATHER=l_gather, L_GATE=gate is not None, R_GATHER=r_gather, LOAD_TOK=l_gather or r_gather,
-        COMPUTE_W=compute_w,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        E_POW2=common["E_POW2"], UPCAST=common["UPCAST"], PRECISION=common["PRECISION"],
-    )
-    mn = M * N if compute_w else 0
-    _moe_ffn_dw_reduce_kernel[(triton.cdiv(mn + M, _REDUCE_BLOCK), E)](
-        pw if compute_w else pb, pb, dw, db, offsets, E, mn, M, chunk,
-        E_POW2=common["E_POW2"], BLOCK=_REDUCE_BLOCK, num_warps=4,
+    kernel_b = want_b and db_part is None
+    pw = _empty((n_chunks, M, N), torch.float32, left.device) if want_w else None
+    if kernel_b:
+        db_part, db_chunk = _empty((n_chunks, M), torch.float32, left.device), chunk
+    if want_w or kernel_b:
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), n_chunks)
+        _moe_ffn_dw_kernel[grid](
+            left, right, gate if gate is not None else left, tok, offsets,
+            pw if want_w else db_part, db_part if want_b else pw,
+            E, M, N, left.stride(0), right.stride(0), chunk,
+            L_GATHER=l_gather, L_GATE=gate is not None, R_GATHER=r_gather, LOAD_TOK=l_gather or r_gather,
+            COMPUTE_W=want_w, COMPUTE_B=kernel_b,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            E_POW2=common["E_POW2"], UPCAST=common["UPCAST"], PRECISION=common["PRECISION"],
+        )
+    mn, mb = (M * N if want_w else 0), (M if want_b else 0)
+    _moe_ffn_dw_reduce_kernel[(triton.cdiv(mn + mb, _REDUCE_BLOCK), E)](
+        pw if want_w else db_part, db_part if want_b else pw, dw, db, offsets, E, mn, mb, chunk,
+        db_chunk if want_b else chunk, E_POW2=common["E_POW2"], BLOCK=_REDUCE_BLOCK, num_warps=4,
     )
 
 
@@ -316,14 +325,16 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
         if store_act:
             act = _empty((T, h), dt, dev)
         n_tiles_h = triton.cdiv(h, cfg.block_n)
+        n_tiles_m = triton.cdiv(T, cfg.block_m) + E
         dgate_part = _empty((n_tiles_h, T), torch.float32, dev) if n_g else None
-        grid = ((triton.cdiv(T, cfg.block_m) + E) * n_tiles_h,)
-        _moe_ffn_bwd_hidden_kernel[grid](
+        db1_part = _empty((n_tiles_m, h), torch.float32, dev) if n_b1 else None
+        _moe_ffn_bwd_hidden_kernel[(n_tiles_m * n_tiles_h,)](
             g_out, w2, b2, gate if gate is not None else x, tok, offsets, hidden,
             dh if dh is not None else x, act if store_act else x, dgate_part if n_g else x,
+            db1_part if n_b1 else x,
             E, h, d_out, T, g_out.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
             ACTIVATION=_ACT_CODES[activation], HAS_GATE=gate is not None, STORE_DH=need_dh, STORE_ACT=store_act,
-            DGATE=n_g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            DGATE=n_g, STORE_DB=n_b1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             EVEN_K=d_out % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
         if n_g:
@@ -334,8 +345,10 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
     if n_w1 or n_b1 or n_w2 or n_b2:
         dcfg = get_config("dw", T, d, h, E, dt)
         if n_w1 or n_b1:
-            _launch_dw(dh, x, None, tok, offsets, False, True, n_w1, E, dw1, db1, dcfg, common)
+            # db1's partials come from the hidden kernel, one per BLOCK_M row tile.
+            _launch_dw(dh, x, None, tok, offsets, False, True, n_w1, n_b1, E, dw1, db1, dcfg, common,
+                       db_part=db1_part, db_chunk=cfg.block_m)
         if n_w2 or n_b2:
-            _launch_dw(g_out, act if n_w2 else g_out, gate, tok, offsets, True, False, n_w2, E, dw2, db2, dcfg,
-                       common)
+            _launch_dw(g_out, act if n_w2 else g_out, gate, tok, offsets, True, False, n_w2, n_b2, E, dw2, db2,
+                       dcfg, common)
     return dx, dw1, db1, dw2, db2, dgate

@@ -230,6 +230,7 @@ def _moe_ffn_bwd_hidden_kernel(
     DH_ptr,  # [T, N] expert order: dL/d(pre-activation), written when STORE_DH
     ACT_ptr,  # [T, N] expert order: act(H) recomputed for dW2, written when STORE_ACT
     DGATE_ptr,  # [cdiv(N, BLOCK_N), T] fp32 partial row sums, token order, when DGATE
+    DB_ptr,  # [cdiv(T, BLOCK_M) + E, N] fp32 per-row-tile column sums of dH (db1 partials), when STORE_DB
     E,
     N,
     K,
@@ -243,6 +244,7 @@ def _moe_ffn_bwd_hidden_kernel(
     STORE_DH: tl.constexpr,
     STORE_ACT: tl.constexpr,
     DGATE: tl.constexpr,
+    STORE_DB: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -286,6 +288,8 @@ def _moe_ffn_bwd_hidden_kernel(
             g = tl.load(gate_ptr + tok, mask=row_mask, other=0.0).to(tl.float32)
             dh *= g[:, None]
         tl.store(DH_ptr + off, dh.to(DH_ptr.dtype.element_ty), mask=mask)
+        if STORE_DB:  # db1 partial from the fp32 tile, so the dW1 kernel keeps dH a pure MMA operand
+            tl.store(DB_ptr + tile_m * N + offs_n, tl.sum(tl.where(mask, dh, 0.0), 0), mask=n_mask)
 
 
 @triton.jit
@@ -308,6 +312,7 @@ def _moe_ffn_dw_kernel(
     R_GATHER: tl.constexpr,
     LOAD_TOK: tl.constexpr,  # L_GATHER or R_GATHER (one flag: older Triton has no constexpr `or`)
     COMPUTE_W: tl.constexpr,
+    COMPUTE_B: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -350,9 +355,12 @@ def _moe_ffn_dw_kernel(
         if L_GATE:
             g = tl.load(gate_ptr + tok, mask=r_mask, other=0.0).to(tl.float32)
             lt32 = lt.to(tl.float32) * g[:, None]
-            db += tl.sum(lt32, 0)
+            if COMPUTE_B:
+                db += tl.sum(lt32, 0)
             lt = lt32.to(L_ptr.dtype.element_ty)
-        else:
+        elif COMPUTE_B:
+            # Using L in registers costs it its shared-memory multi-buffering; callers that can
+            # get db elsewhere (db1 from the hidden kernel) pass COMPUTE_B=False.
             db += tl.sum(lt.to(tl.float32), 0)
         if COMPUTE_W:
             if R_GATHER:
@@ -369,31 +377,14 @@ def _moe_ffn_dw_kernel(
     if COMPUTE_W:
         tl.store(PW_ptr + c64 * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
                  mask=m_mask[:, None] & n_mask[None, :])
-    if pid_n == 0:
-        tl.store(PB_ptr + c64 * M + offs_m, db, mask=m_mask)
+    if COMPUTE_B:
+        if pid_n == 0:
+            tl.store(PB_ptr + c64 * M + offs_m, db, mask=m_mask)
 
 
 @triton.jit
-def _moe_ffn_dw_reduce_kernel(
-    PW_ptr,  # [C, MN] fp32 partial dW
-    PB_ptr,  # [C, M] fp32 partial db
-    DW_ptr,  # [E, MN] weight dtype
-    DB_ptr,  # [E, M] bias dtype
-    offsets_ptr,  # [E+1] int64 expert_offsets
-    E,
-    MN,
-    M,
-    CHUNK,
-    E_POW2: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """dW[e] = sum of expert e's chunk partials, in a fixed order (deterministic); 0 for an empty expert.
-
-    Indices [0, MN) are the weight, [MN, MN + M) the bias, so one launch does both
-    (the launcher passes MN = 0 when only the bias is wanted).
-    """
-    pid = tl.program_id(0)
-    e = tl.program_id(1)
+def _chunk_range(offsets_ptr, e, E, CHUNK, E_POW2: tl.constexpr):
+    """[first, end) chunk ids of expert e when every expert is cut into CHUNK-row chunks (int64)."""
     ar = tl.arange(0, E_POW2)
     e_mask = ar < E
     lo = tl.load(offsets_ptr + ar, mask=e_mask, other=0)
@@ -401,20 +392,51 @@ def _moe_ffn_dw_reduce_kernel(
     nchunks = (hi - lo + CHUNK - 1) // CHUNK
     ends = tl.cumsum(nchunks, 0)
     sel = ar == e
-    c_end = tl.sum(tl.where(sel, ends, 0), 0)
-    c_start = c_end - tl.sum(tl.where(sel, nchunks, 0), 0)
+    end = tl.sum(tl.where(sel, ends, 0), 0)
+    return end - tl.sum(tl.where(sel, nchunks, 0), 0), end
+
+
+@triton.jit
+def _moe_ffn_dw_reduce_kernel(
+    PW_ptr,  # [CW, MN] fp32 partial dW, one slab per CHUNK_W-row chunk
+    PB_ptr,  # [CB, M] fp32 partial db, one row per CHUNK_B-row chunk
+    DW_ptr,  # [E, MN] weight dtype
+    DB_ptr,  # [E, M] bias dtype
+    offsets_ptr,  # [E+1] int64 expert_offsets
+    E,
+    MN,
+    M,
+    CHUNK_W,
+    CHUNK_B,
+    E_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """dW[e] = sum of expert e's chunk partials, in a fixed order (deterministic); 0 for an empty expert.
+
+    Indices [0, MN) are the weight, [MN, MN + M) the bias, so one launch does both
+    (the launcher passes MN = 0 when only the bias is wanted). The bias partials may
+    come from a different chunking (dW1's db1 comes per row tile from the hidden kernel).
+    """
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    w_mask = offs < MN
-    b_mask = (offs >= MN) & (offs < MN + M)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    # c_start is int64 (offsets are), so these slab offsets cannot overflow int32.
-    pw_ptrs = PW_ptr + c_start * MN + offs
-    pb_ptrs = PB_ptr + c_start * M + (offs - MN)
-    for _ in range(c_start, c_end):
-        acc += tl.load(pw_ptrs, mask=w_mask, other=0.0)
-        acc += tl.load(pb_ptrs, mask=b_mask, other=0.0)
-        pw_ptrs += MN
-        pb_ptrs += M
     e64 = e.to(tl.int64)
-    tl.store(DW_ptr + e64 * MN + offs, acc.to(DW_ptr.dtype.element_ty), mask=w_mask)
-    tl.store(DB_ptr + e64 * M + (offs - MN), acc.to(DB_ptr.dtype.element_ty), mask=b_mask)
+    if pid * BLOCK < MN:
+        w_mask = offs < MN
+        c_start, c_end = _chunk_range(offsets_ptr, e, E, CHUNK_W, E_POW2)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        # c_start is int64 (offsets are), so these slab offsets cannot overflow int32.
+        pw_ptrs = PW_ptr + c_start * MN + offs
+        for _ in range(c_start, c_end):
+            acc += tl.load(pw_ptrs, mask=w_mask, other=0.0)
+            pw_ptrs += MN
+        tl.store(DW_ptr + e64 * MN + offs, acc.to(DW_ptr.dtype.element_ty), mask=w_mask)
+    if pid * BLOCK + BLOCK > MN:
+        b_mask = (offs >= MN) & (offs < MN + M)
+        c_start, c_end = _chunk_range(offsets_ptr, e, E, CHUNK_B, E_POW2)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        pb_ptrs = PB_ptr + c_start * M + (offs - MN)
+        for _ in range(c_start, c_end):
+            acc += tl.load(pb_ptrs, mask=b_mask, other=0.0)
+            pb_ptrs += M
+        tl.store(DB_ptr + e64 * M + (offs - MN), acc.to(DB_ptr.dtype.element_ty), mask=b_mask)
