@@ -1,0 +1,377 @@
+"""The CUDA C++ backend (moebert_kernels._C, csrc/).
+
+Three layers, each running where it can:
+  (a) everywhere: the Python side degrades cleanly when _C is absent or fails to load;
+  (b) where _C imports (CI builds it in a CUDA-torch venv with no GPU): every op is
+      registered and CPU tensors get a clear error;
+  (c) on a GPU: the oracle matrix against moe_ffn_reference in float64, the routing plan
+      against RoutingPlan, a three-way check with triton, and CUDA-graph capture/replay.
+"""
+import importlib
+
+import pytest
+import torch
+
+from moebert_kernels import _cuda
+from moebert_kernels.ops import dispatch
+from moebert_kernels.ops.dispatch import BackendUnavailableError, select_backend
+from moebert_kernels.ops.moe_ffn import moe_ffn, moe_ffn_reference
+from moebert_kernels.ops.routing import RoutingPlan
+
+MOEBERT_C_OPS = ("routing_plan", "moe_ffn_forward", "moe_ffn_backward")
+
+
+def _ext_importable():
+    try:
+        importlib.import_module("moebert_kernels._C")
+    except ImportError as exc:
+        return False, f"moebert_kernels._C does not import here ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+_HAS_EXT, _NO_EXT_WHY = _ext_importable()
+requires_ext = pytest.mark.skipif(not _HAS_EXT, reason=_NO_EXT_WHY)
+requires_gpu_ext = pytest.mark.skipif(
+    not (_HAS_EXT and torch.cuda.is_available()),
+    reason="needs a CUDA device and the built extension" + ("" if _HAS_EXT else f": {_NO_EXT_WHY}"),
+)
+
+
+@pytest.fixture
+def fresh_load():
+    """Clear the cached load() result before and after, so monkeypatches take effect and do not leak."""
+    _cuda.load.cache_clear()
+    yield
+    _cuda.load.cache_clear()
+
+
+# ---- (a) degrading cleanly (runs on CI) -------------------------------------------------
+
+def _pretend_cuda_torch(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+
+def test_absent_extension_gives_reason(monkeypatch, fresh_load):
+    _pretend_cuda_torch(monkeypatch)
+    real = importlib.import_module
+
+    def no_ext(name, *args, **kwargs):
+        if name == "moebert_kernels._C":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", no_ext)
+    ext, why = _cuda.load()
+    assert ext is None
+    assert "not built" in why and "MOEBERT_BUILD_CUDA=1" in why
+    with pytest.raises(BackendUnavailableError, match="not built"):
+        select_backend("moe_ffn", "cuda", backend="cuda")
+    # Not forced: the dispatch skips cuda instead of failing.
+    assert select_backend("moe_ffn", "cuda") != "cuda"
+
+
+def test_extension_that_fails_to_load_gives_reason(monkeypatch, fresh_load):
+    _pretend_cuda_torch(monkeypatch)
+    real = importlib.import_module
+
+    def broken_ext(name, *args, **kwargs):
+        if name == "moebert_kernels._C":
+            raise ImportError("moebert_kernels/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken_ext)
+    ext, why = _cuda.load()
+    assert ext is None
+    assert "failed to load" in why and "undefined symbol" in why and "rebuild" in why
+    with pytest.raises(BackendUnavailableError, match="undefined symbol"):
+        select_backend("moe_ffn", "cuda", backend="cuda")
+    # The launchers refuse with the same reason rather than an AttributeError on torch.ops.
+    from moebert_kernels.cuda import moe_ffn as cuda_moe_ffn
+
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="undefined symbol"):
+        cuda_moe_ffn.routing_plan(torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(RuntimeError, match="undefined symbol"):
+        cuda_moe_ffn.moe_ffn_forward(x, None, None, None, None, None, None, None, "gelu", False)
+
+
+def test_cpu_torch_gives_reason(monkeypatch, fresh_load):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    ext, why = _cuda.load()
+    assert ext is None and "CPU build" in why
+    with pytest.raises(BackendUnavailableError, match="CPU build"):
+        select_backend("moe_ffn", "cuda", backend="cuda")
+
+
+def test_forced_cuda_on_cpu_tensors_names_the_device():
+    E, T, d, h = 2, 5, 8, 12
+    x = torch.randn(T, d)
+    plan = RoutingPlan.from_expert_ids(torch.tensor([0, 1, 1, 0, 1]), E)
+    w1, b1, w2, b2 = torch.randn(E, h, d), torch.randn(E, h), torch.randn(E, d, h), torch.randn(E, d)
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        moe_ffn(x, plan, w1, b1, w2, b2, backend="cuda")
+
+
+def test_cuda_backend_is_registered_for_moe_ffn():
+    assert dispatch._IMPLS[("moe_ffn", "cuda")] == "moebert_kernels.cuda.moe_ffn"
+    from moebert_kernels.cuda import moe_ffn as cuda_moe_ffn
+
+    assert cuda_moe_ffn.SAVES_HIDDEN is True
+    for name in ("moe_ffn_forward", "moe_ffn_backward"):
+        assert callable(getattr(cuda_moe_ffn, name))
+
+
+# ---- (b) the built extension, with or without a GPU ---------------------------------------
+
+@requires_ext
+def test_every_op_is_registered():
+    for name in MOEBERT_C_OPS:
+        op = getattr(torch.ops.moebert_C, name)
+        schema = str(op.default._schema)
+        assert schema.startswith(f"moebert_C::{name}("), schema
+    # Outputs are declared as mutated, so torch.compile / functionalization sees the writes.
+    assert "Tensor(a!) out" in str(torch.ops.moebert_C.moe_ffn_forward.default._schema)
+
+
+@requires_ext
+def test_ops_reject_cpu_tensors_clearly():
+    E, T, d, h = 2, 4, 8, 16
+    ids = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(RuntimeError, match="routing_plan needs CUDA tensors"):
+        torch.ops.moebert_C.routing_plan(ids, E, torch.empty(T, dtype=torch.long), torch.empty(E, dtype=torch.long),
+                                         torch.empty(E + 1, dtype=torch.long), torch.empty(T, dtype=torch.long))
+    plan = RoutingPlan.from_expert_ids(ids, E)
+    x = torch.randn(T, d)
+    w1, b1, w2, b2 = torch.randn(E, h, d), torch.randn(E, h), torch.randn(E, d, h), torch.randn(E, d)
+    with pytest.raises(RuntimeError, match="moe_ffn_forward needs CUDA tensors"):
+        torch.ops.moebert_C.moe_ffn_forward(x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, None, 0,
+                                            torch.empty(T, d), torch.empty(0))
+    with pytest.raises(RuntimeError, match="moe_ffn_backward needs CUDA tensors"):
+        torch.ops.moebert_C.moe_ffn_backward(torch.randn(T, d), x, plan.sorted_token_ids, plan.expert_offsets, w1, b1,
+                                             w2, b2, None, torch.empty(0), 0, 63, torch.empty_like(x),
+                                             torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
+                                             torch.empty_like(b2), torch.empty(0))
+
+
+# ---- (c) GPU ------------------------------------------------------------------------------
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every output the cuda launchers allocate starts as NaN (or -1 for indices)."""
+    from moebert_kernels.cuda import moe_ffn as cuda_moe_ffn
+
+    def nan_output(shape, like, dtype=None):
+        dtype = dtype or like.dtype
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=like.device)
+
+    monkeypatch.setattr(cuda_moe_ffn, "_new_output", nan_output)
+    return cuda_moe_ffn
+
+
+def _ids(kind, T, E, gen):
+    if kind == "random":
+        return torch.randint(0, E, (T,), generator=gen)
+    if kind == "empty_expert":  # expert 1 gets nothing
+        ids = torch.randint(0, E - 1, (T,), generator=gen)
+        return ids + (ids >= 1).long()
+    if kind == "one_expert":
+        return torch.full((T,), E - 1, dtype=torch.long)
+    raise ValueError(kind)
+
+
+def _problem(T, d, h, d_out, E, dtype, kind="random", gated=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dev = "cuda"
+    x = torch.randn(T, d, generator=gen)
+    w1 = torch.randn(E, h, d, generator=gen) / d**0.5
+    b1 = torch.randn(E, h, generator=gen) * 0.1
+    w2 = torch.randn(E, d_out, h, generator=gen) / h**0.5
+    b2 = torch.randn(E, d_out, generator=gen) * 0.1
+    gate = torch.rand(T, generator=gen) + 0.5 if gated else None
+    ids = _ids(kind, T, E, gen)
+    tensors = [t.to(dev, dtype) for t in (x, w1, b1, w2, b2)] + [gate.to(dev, dtype) if gated else None]
+    return tensors, RoutingPlan.from_expert_ids(ids.to(dev), E)
+
+
+def _check_against_reference(tensors, plan, activation, dtype, backend="cuda", grad_mask=None):
+    n = len(tensors)
+    grad_mask = grad_mask or [t is not None for t in tensors]
+    leaves = [t.detach().clone().requires_grad_(m) if t is not None else None for t, m in zip(tensors, grad_mask)]
+    ref_leaves = [t.detach().double().requires_grad_(m) if t is not None else None for t, m in zip(tensors, grad_mask)]
+    out = moe_ffn(leaves[0], plan, *leaves[1:5], gate=leaves[5], activation=activation, backend=backend)
+    ref = moe_ffn_reference(ref_leaves[0], plan.sorted_token_ids, plan.expert_offsets, *ref_leaves[1:5],
+                            ref_leaves[5], activation)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    if out.numel():
+        assert _rel(out, ref) < TOL[dtype], f"forward: {_rel(out, ref):.3e}"
+    gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
+    want = [i for i in range(n) if leaves[i] is not None and grad_mask[i]]
+    got = torch.autograd.grad(out, [leaves[i] for i in want], gy.to(dtype))
+    exp = torch.autograd.grad(ref, [ref_leaves[i] for i in want], gy.double(), allow_unused=True)
+    names = ["x", "w1", "b1", "w2", "b2", "gate"]
+    for i, g, e in zip(want, got, exp):
+        e = torch.zeros_like(ref_leaves[i]) if e is None else e
+        assert g.shape == e.shape and g.dtype == tensors[i].dtype, names[i]
+        assert torch.isfinite(g).all(), f"d{names[i]} has non-finite values"
+        if e.norm() == 0:
+            assert g.abs().max() == 0, f"d{names[i]} should be zero"
+        else:
+            assert _rel(g, e) < TOL[dtype] * 2, f"d{names[i]}: {_rel(g, e):.3e}"
+    return out
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [  # T, d, h, d_out, E, routing
+    (64, 32, 48, 32, 4, "random"),
+    (37, 40, 24, 40, 3, "random"),       # odd sizes, nothing a multiple of a tile
+    (1, 16, 32, 16, 4, "random"),        # a single token
+    (150, 48, 80, 48, 5, "empty_expert"),
+    (97, 24, 72, 24, 4, "one_expert"),
+    (600, 72, 136, 56, 2, "random"),     # several row, column and k tiles; >256 rows per expert
+]
+
+
+@requires_gpu_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + "-" + s[5])
+@pytest.mark.parametrize("gated", [False, True], ids=["nogate", "gate"])
+def test_oracle_matrix(poisoned, dtype, shape, gated):
+    *dims, kind = shape
+    tensors, plan = _problem(*dims, dtype, kind=kind, gated=gated)
+    _check_against_reference(tensors, plan, "gelu", dtype)
+
+
+@requires_gpu_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+def test_other_activations(poisoned, dtype, activation):
+    tensors, plan = _problem(70, 40, 56, 24, 3, dtype, gated=True, seed=3)
+    _check_against_reference(tensors, plan, activation, dtype)
+
+
+@requires_gpu_ext
+@pytest.mark.parametrize("mask", [[True, False, False, False, False, False], [False, True, False, False, True, True],
+                                  [False, False, True, True, False, False]])
+def test_partial_grads(poisoned, mask):
+    tensors, plan = _problem(90, 32, 40, 32, 3, torch.float32, gated=True, seed=5)
+    _check_against_reference(tensors, plan, "gelu", torch.float32, grad_mask=mask)
+
+
+@requires_gpu_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_inputs(poisoned, dtype):
+    (x, w1, b1, w2, b2, gate), plan = _problem(80, 40, 56, 40, 3, dtype, gated=True, seed=9)
+    # Same values, other strides: x transposed storage, weights stored [E, in, out].
+    x_t = x.t().contiguous().t()
+    w1_t = w1.transpose(1, 2).contiguous().transpose(1, 2)
+    w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    gate_s = torch.stack([gate, gate], 1)[:, 0]
+    assert not x_t.is_contiguous() and not w1_t.is_contiguous() and not gate_s.is_contiguous()
+    _check_against_reference([x_t, w1_t, b1, w2_t, b2, gate_s], plan, "gelu", dtype)
+
+
+@requires_gpu_ext
+def test_no_saved_hidden_recomputes(poisoned):
+    (x, w1, b1, w2, b2, gate), plan = _problem(50, 24, 40, 24, 3, torch.float32, gated=True, seed=11)
+    args = (x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, gate, "gelu")
+    _, hidden = poisoned.moe_ffn_forward(*args, True)
+    gy = torch.randn_like(x)
+    with_h = poisoned.moe_ffn_backward(gy, *args[:-1], hidden, "gelu", [True] * 6)
+    without = poisoned.moe_ffn_backward(gy, *args[:-1], x.new_empty(0), "gelu", [True] * 6)
+    for a, b in zip(with_h, without):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@requires_gpu_ext
+def test_zero_tokens(poisoned):
+    tensors, plan = _problem(0, 16, 24, 16, 3, torch.float32, gated=True)
+    _check_against_reference(tensors, plan, "gelu", torch.float32)
+
+
+@requires_gpu_ext
+@pytest.mark.parametrize("T,E", [(0, 3), (1, 1), (1, 4), (255, 4), (257, 7), (1000, 64), (5000, 8)])
+def test_routing_plan_matches(poisoned, T, E):
+    gen = torch.Generator().manual_seed(T + E)
+    ids = torch.randint(0, E, (T,), generator=gen)
+    if E > 2 and T > 0:
+        ids[ids == 1] = 0  # an empty expert
+    ids = ids.cuda()
+    got = poisoned.routing_plan(ids, E)
+    want = RoutingPlan.from_expert_ids(ids, E)
+    for field in ("expert_ids", "sorted_token_ids", "expert_counts", "expert_offsets", "inverse"):
+        g, w = getattr(got, field), getattr(want, field)
+        assert g.dtype == w.dtype and torch.equal(g, w), field
+    assert got.num_experts == E
+
+
+@requires_gpu_ext
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+def test_routing_plan_strided_ids(poisoned, dtype):
+    ids = torch.randint(0, 5, (300, 2), device="cuda", dtype=dtype)[:, 1]
+    assert not ids.is_contiguous()
+    got = poisoned.routing_plan(ids, 5)
+    want = RoutingPlan.from_expert_ids(ids, 5)
+    for field in ("sorted_token_ids", "expert_counts", "expert_offsets", "inverse"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+@requires_gpu_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_three_way_with_triton(dtype):
+    if "triton" not in dispatch.available_backends("moe_ffn", "cuda"):
+        pytest.skip("the triton backend is not available for moe_ffn here")
+    tensors, plan = _problem(200, 64, 96, 64, 4, dtype, gated=True, seed=13)
+    out_cuda = _check_against_reference(tensors, plan, "gelu", dtype, backend="cuda")
+    out_triton = _check_against_reference(tensors, plan, "gelu", dtype, backend="triton")
+    assert _rel(out_cuda, out_triton) < TOL[dtype]
+
+
+@requires_gpu_ext
+def test_cuda_graph_capture_and_replay():
+    from moebert_kernels.cuda import moe_ffn as cuda_moe_ffn
+
+    T, d, h, E = 96, 32, 64, 4
+    (x, w1, b1, w2, b2, gate), _ = _problem(T, d, h, d, E, torch.float16, gated=True, seed=17)
+    ids = torch.randint(0, E, (T,), device="cuda")
+    gy = torch.randn(T, d, device="cuda", dtype=torch.float16)
+
+    def step():
+        plan = cuda_moe_ffn.routing_plan(ids, E, validate=False)
+        args = (x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, gate)
+        out, hidden = cuda_moe_ffn.moe_ffn_forward(*args, "gelu", True)
+        grads = cuda_moe_ffn.moe_ffn_backward(gy, *args, hidden, "gelu", [True] * 6)
+        return (out, *grads)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+
+    for seed in (1, 2):  # new routing and new activations, same buffers
+        gen = torch.Generator().manual_seed(seed)
+        ids.copy_(torch.randint(0, E, (T,), generator=gen))
+        x.copy_(torch.randn(T, d, generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for a, b in zip(static, eager):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        plan = RoutingPlan.from_expert_ids(ids, E)
+        ref = moe_ffn_reference(x.double(), plan.sorted_token_ids, plan.expert_offsets, w1.double(), b1.double(),
+                                w2.double(), b2.double(), gate.double(), "gelu")
+        assert _rel(static[0], ref) < TOL[torch.float16]
