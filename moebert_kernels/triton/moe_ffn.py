@@ -11,9 +11,10 @@ Forward (2 launches, nothing permuted in memory):
           top-1 writes each token exactly once, so no atomics)
 Backward (G = grad_out, token order):
     hidden: P = G[tok] W2[e] (gather); dH = g * P * act'(H); A = act(H) for dW2;
-            dgate = rowsum(A * P) + G . b2  (== rowsum(G * (W2 a + b2)), no ungated output needed)
+            dgate = rowsum(A * P) + G . b2  (== rowsum(G * (W2 a + b2)), no ungated output needed);
+            db1 partials = column sums of the fp32 dH tile (so dW1's operands stay pure MMA inputs)
     dX:     dx[tok] = dH W1[e]  (the forward's down kernel with w1 read untransposed)
-    dW:     dW1[e] = dH^T x[tok], db1[e] = colsum dH; dW2[e] = (g G[tok])^T A, db2[e] = colsum g G[tok].
+    dW:     dW1[e] = dH^T x[tok]; dW2[e] = (g G[tok])^T A, db2[e] = colsum g G[tok].
             Split-K over tokens: chunks of CHUNK rows inside one expert each write an fp32
             partial slab, then one reduce launch per weight sums an expert's chunks in a
             fixed order, so the result is deterministic (no float atomics).
