@@ -205,7 +205,8 @@ def _problem(T, d, h, d_out, E, dtype, kind="random", gated=False, seed=0):
 def _check_against_reference(tensors, plan, activation, dtype, backend="cuda", grad_mask=None):
     n = len(tensors)
     grad_mask = grad_mask or [t is not None for t in tensors]
-    leaves = [t.detach().clone().requires_grad_(m) if t is not None else None for t, m in zip(tensors, grad_mask)]
+    # detach() without clone keeps each input's strides (some tests pass non-contiguous views).
+    leaves = [t.detach().requires_grad_(m) if t is not None else None for t, m in zip(tensors, grad_mask)]
     ref_leaves = [t.detach().double().requires_grad_(m) if t is not None else None for t, m in zip(tensors, grad_mask)]
     out = moe_ffn(leaves[0], plan, *leaves[1:5], gate=leaves[5], activation=activation, backend=backend)
     ref = moe_ffn_reference(ref_leaves[0], plan.sorted_token_ids, plan.expert_offsets, *ref_leaves[1:5],
@@ -224,7 +225,7 @@ def _check_against_reference(tensors, plan, activation, dtype, backend="cuda", g
         assert g.shape == e.shape and g.dtype == tensors[i].dtype, names[i]
         assert torch.isfinite(g).all(), f"d{names[i]} has non-finite values"
         if e.norm() == 0:
-            assert g.abs().max() == 0, f"d{names[i]} should be zero"
+            assert g.abs().sum() == 0, f"d{names[i]} should be zero"
         else:
             assert _rel(g, e) < TOL[dtype] * 2, f"d{names[i]}: {_rel(g, e):.3e}"
     return out
