@@ -36,13 +36,20 @@ def write_rows(path, n=24, seed=0, fmt="csv", columns=("text", "sentiment")):
 
 def make_base(folder, num_labels=2, d_ff=64):
     """A tiny random BERT and a word-level tokenizer, saved like a pretrained folder."""
+    import inspect
+
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     os.makedirs(folder, exist_ok=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     vocab = os.path.join(folder, "vocab.txt")
     with open(vocab, "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab_file=vocab, do_lower_case=True)
+        f.write("\n".join(tokens) + "\n")
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 5
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+    else:
+        tok = BertTokenizerFast(vocab_file=vocab, do_lower_case=True)
+    assert tok.convert_tokens_to_ids("movie") == tokens.index("movie")
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=d_ff, max_position_embeddings=64, num_labels=num_labels)
