@@ -104,6 +104,7 @@ class DeviceClock:
         self.now = 0.0
         self.samples: list[float] = []
         self._flush = _flush_buffer(device, flush_bytes)
+        self.__name__ = "DeviceClock"  # how pytest-benchmark names the timer in its JSON
 
     def __call__(self) -> float:
         return self.now

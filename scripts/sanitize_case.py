@@ -24,11 +24,12 @@ from moebert_kernels.ops import RoutingPlan, backend_status, moe_ffn, moe_ffn_re
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def moe_case(backend: str, dtype: torch.dtype, gated: bool) -> str:
-    dev = torch.device("cuda")
+def moe_case(backend: str, dtype: torch.dtype, gated: bool, device: str = "cuda") -> str:
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     T, E, d, h = 37, 4, 768, 768
     ids = torch.randint(0, E, (T,), generator=g)
@@ -43,7 +44,8 @@ def moe_case(backend: str, dtype: torch.dtype, gated: bool) -> str:
     y = moe_ffn(leaves[0], plan, *leaves[1:], gate=gl, backend=backend)
     gy = torch.randn(T, d, generator=g).to(dev, dtype)
     y.backward(gy)
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     ref = moe_ffn_reference(x.double().to(dev), plan.sorted_token_ids, plan.expert_offsets,
                             *(t.double().to(dev) for t in w), None if gate is None else gate.double().to(dev))
     err = _rel(y, ref)
@@ -56,10 +58,10 @@ def moe_case(backend: str, dtype: torch.dtype, gated: bool) -> str:
     return f"rel err {err:.1e}"
 
 
-def distill_case(backend: str, dtype: torch.dtype) -> str:
+def distill_case(backend: str, dtype: torch.dtype, device: str = "cuda") -> str:
     from moebert_kernels.ops.distill_loss import distill_loss
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(1)
     B, S, H, C, L = 2, 7, 768, 3, 13
     sh = [torch.randn(B, S, H, generator=g).to(dev, dtype).requires_grad_(True) for _ in range(L)]
@@ -70,10 +72,15 @@ def distill_case(backend: str, dtype: torch.dtype) -> str:
     out = distill_loss(sh, th, sl, tl, labels, backend=backend)
     loss = out[0]
     (loss * 0.5).backward()
-    torch.cuda.synchronize()
-    if not torch.isfinite(loss):
-        raise AssertionError(f"loss is {float(loss)}")
-    return f"loss {float(loss):.4f}"
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    value = loss.item()
+    if value != value or abs(value) == float("inf"):
+        raise AssertionError(f"loss is {value}")
+    bad = [i for i, t in enumerate(sh) if not torch.isfinite(t.grad).all()]
+    if bad or not torch.isfinite(sl.grad).all():
+        raise AssertionError(f"non-finite student gradients (hidden states {bad}, logits)")
+    return f"loss {value:.4f}"
 
 
 def main() -> int:
