@@ -305,3 +305,15 @@ def test_regression_pred_is_mse_whatever_pred_loss():
     a = distill_loss(sh, th, sl, tl, y, pred_loss="sym_kl").pred
     b = distill_loss(sh, th, sl, tl, y, pred_loss="kl", temperature=4.0).pred
     assert math.isclose(a.item(), b.item()) and math.isclose(a.item(), ((sl - tl) ** 2).mean().item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", _backends("cpu"))
+def test_prediction_only_no_hidden_states(backend):
+    """L = 0 hidden-state pairs: the CE and prediction terms alone (an empty list is a valid input)."""
+    sh, th, sl, tl, y, mask = _make(C=4, n_layers=0)
+    out = distill_loss([], [], sl, tl, y, backend=backend)
+    (out.loss * 2.5).backward()
+    sl64 = _to64(sl)
+    ref = distill_loss_reference([], [], sl64, tl.double(), y)
+    (ref.loss * 2.5).backward()
+    assert out.per_layer.shape == (0,) and _rel(out.loss, ref.loss) < 1e-5 and _rel(sl.grad, sl64.grad) < 1e-5

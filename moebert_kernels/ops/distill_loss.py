@@ -326,8 +326,9 @@ def _setup_context(ctx, inputs, output):
     ctx.n_hidden = len(grad_hidden)
     ctx.save_for_backward(*grad_hidden, *grad_logits)
     ctx.compute_grad = inputs[-1]
-    # Gradients must mirror the inputs' structure: a list of Nones for each list input.
-    ctx.n_teacher, ctx.n_teacher_logits, ctx.n_labels = (len(inputs[i]) for i in (1, 3, 4))
+    # Gradients must mirror the inputs' structure: a list of Nones for each Tensor-list input; the float list
+    # layer_weights counts as one leaf, except when it is empty (no hidden states).
+    ctx.n_teacher, ctx.n_teacher_logits, ctx.n_labels, ctx.n_weights = (len(inputs[i]) for i in (1, 3, 4, 6))
 
 
 def _backward(ctx, grad_stats, _grad_hidden, _grad_logits):
@@ -347,7 +348,7 @@ def _backward(ctx, grad_stats, _grad_hidden, _grad_logits):
         scaled = [g.mul_(go) for g in saved]
     nones = lambda n: [None] * n  # noqa: E731
     return (scaled[:ctx.n_hidden], nones(ctx.n_teacher), scaled[ctx.n_hidden:], nones(ctx.n_teacher_logits),
-            nones(ctx.n_labels), None, None, None, None, None, None, None, None)
+            nones(ctx.n_labels), None, [] if ctx.n_weights == 0 else None, None, None, None, None, None, None)
 
 
 _distill_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
