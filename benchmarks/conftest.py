@@ -21,6 +21,8 @@ from _timing import Bench, bench_device, cpu_model, full_matrix, set_cpu_threads
 DEVICE = bench_device()
 if DEVICE.type == "cpu":
     set_cpu_threads()
+# CPU timings on a shared machine depend on what else runs; the report states the load.
+LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
 def pytest_report_header(config):
@@ -44,7 +46,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_threads": torch.get_num_threads(),
         "full_matrix": full_matrix(),
         "command": " ".join(["pytest"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "cpu_count": os.cpu_count(),
     }
+    if LOAD_AT_START is not None:
+        info["loadavg_start"] = [round(v, 2) for v in LOAD_AT_START]
+        info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     try:
         import triton
 

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-IMPL_ORDER = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
+IMPL_ORDER = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "torch_bmm_proto", "triton", "cuda"]
 KERNEL_IMPLS = ("triton", "cuda")
 
 
@@ -91,6 +91,8 @@ def _environment(data: dict) -> dict:
         "date": (data.get("datetime") or "?")[:19].replace("T", " "),
         "command": mb.get("command", "?"),
         "full_matrix": mb.get("full_matrix", False),
+        "cpu_count": mb.get("cpu_count"),
+        "load": (mb.get("loadavg_start"), mb.get("loadavg_end")),
     }
 
 
@@ -149,7 +151,7 @@ def targets(rows: list[Row], stat: str) -> list[tuple[str, str, str]]:
         # Issue 6: CPU, 2 threads, fp32, T=128, MoE-FFN >= 3.8x the dense FFN.
         m = dict(kind="moe_ffn", stat=stat, mode="fwd", T=128, E=4, dtype="float32")
         dense = _find(cpu, impl="dense", **m)
-        for impl in ("torch", "loop", "padded_bmm", "grouped_mm"):
+        for impl in ("torch", "torch_bmm_proto", "loop", "padded_bmm", "grouped_mm"):
             r = _find(cpu, impl=impl, **m)
             s = speedup(dense, r, stat) if r else None
             res.append((f"CPU fp32 T=128 E=4 MoE-FFN fwd `{impl}` >= 3.8x dense FFN",
@@ -221,6 +223,15 @@ def _num(v, pattern="{:.2f}") -> str:
     return "-" if v is None else pattern.format(v)
 
 
+def _load_line(env: dict) -> list[str]:
+    start, end = env.get("load") or (None, None)
+    if env.get("device_type") == "cuda" or not start:
+        return []
+    fmt = lambda v: "/".join(f"{x:g}" for x in v)  # noqa: E731
+    return [f"- Host load average (1/5/15 min) at start {fmt(start)}, at end {fmt(end or [])} "
+            f"on {env.get('cpu_count') or '?'} CPUs: other work on a shared machine inflates CPU times"]
+
+
 def render(rows: list[Row], env: dict, stat: str, title: str, command: Optional[str] = None,
            plot_note: Optional[str] = None) -> str:
     lines = [f"## {title}", ""]
@@ -230,6 +241,7 @@ def render(rows: list[Row], env: dict, stat: str, title: str, command: Optional[
         f"Python {env.get('python', '?')}",
         f"- Date: {env.get('date', '?')} (UTC)",
         f"- Command: `{command or env.get('command', '?')}`",
+        *_load_line(env),
         f"- Times are the {stat} over rounds; speed-ups are time ratios of that {stat} "
         f"(`x dense` = dense time / this time). Only measured numbers appear here.",
         "",

@@ -35,7 +35,8 @@ def _write(tmp_path, benchmarks, device_type="cpu", name="r.json"):
         "machine_info": {"python_version": "3.11.0", "moebert": {
             "device_type": device_type, "cpu_model": "Test CPU", "torch_threads": 2, "torch": "2.13.0+cpu",
             "triton": "3.9.0", "cuda": "none", "command": "pytest benchmarks/ -q", "gpu": "NVIDIA H100",
-            "gpu_sm": "9.0", "gpu_memory_gib": 79.1}},
+            "gpu_sm": "9.0", "gpu_memory_gib": 79.1, "cpu_count": 2, "loadavg_start": [1.5, 1.0, 0.5],
+            "loadavg_end": [2.25, 1.0, 0.5]}},
         "datetime": "2026-11-25T10:00:00.000000+00:00",
         "benchmarks": benchmarks,
     }
@@ -93,6 +94,7 @@ def test_markdown_rows_and_targets(report, tmp_path):
     assert "| triton | 3.00 ms | 3.00 ms | 7 | 60 | 3.00x |" in md
     assert "torch 2.13.0+cpu, triton 3.9.0, CUDA none" in md
     assert "2026-11-25 10:00:00" in md and "`pytest benchmarks/ -q`" in md
+    assert "load average (1/5/15 min) at start 1.5/1/0.5, at end 2.25/1/0.5 on 2 CPUs" in md
     verdicts = {t: (m, v) for t, m, v in report.targets(rows, "median")}
     assert verdicts["CPU fp32 T=128 E=4 MoE-FFN fwd `torch` >= 3.8x dense FFN"] == ("4.00x", "met")
     assert verdicts["CPU fp32 T=128 E=4 MoE-FFN fwd `loop` >= 3.8x dense FFN"] == ("2.50x", "NOT met")
