@@ -80,7 +80,8 @@ def _environment(data: dict) -> dict:
                  f"{mb.get('gpu_memory_gib', '?')} GiB)"
     else:
         cpu = mb.get("cpu_model") or (mi.get("cpu") or {}).get("brand_raw") or "CPU"
-        device = f"{cpu}, {mb.get('torch_threads', '?')} torch threads"
+        n = mb.get("torch_threads", "?")
+        device = f"{cpu}, {n} torch thread{'' if n == 1 else 's'}"
     return {
         "device_type": device_type,
         "device": device,
@@ -251,20 +252,21 @@ def render(rows: list[Row], env: dict, stat: str, title: str, command: Optional[
         lines += ["### Targets", "", "| target | measured | verdict |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in tg]
         lines.append("")
+    other = "median" if stat == "min" else "min"
     tables = moe_tables(rows, stat)
     if tables:
         lines += ["### MoE-FFN layer (d=768, h=768; dense = BERT's 768-3072-768 FFN)", ""]
         for (mode, E, dtype), items in tables.items():
             gpu = any(d["x_weight_floor"] is not None for d in items)
             lines += [f"**{mode}, E={E}, {dtype}**", ""]
-            head = f"| T | impl | {stat} | min | TFLOP/s | x GEMM-pair rate | x dense | x loop |"
+            head = f"| T | impl | {stat} | {other} | TFLOP/s | x GEMM-pair rate | x dense | x loop |"
             sep = "|---:|---|---:|---:|---:|---:|---:|---:|"
             if gpu:
                 head += " x weight floor |"
                 sep += "---:|"
             lines += [head, sep]
             for d in items:
-                line = (f"| {d['T']} | {d['impl']} | {fmt_time(d['time'])} | {fmt_time(d['min'])} | "
+                line = (f"| {d['T']} | {d['impl']} | {fmt_time(d['time'])} | {fmt_time(d[other])} | "
                         f"{_num(d['tflops'], '{:.3f}')} | {_num(d['frac_gemm_pair'])} | {_x(d['vs_dense'])} | "
                         f"{_x(d['vs_loop'])} |")
                 if gpu:
@@ -287,16 +289,17 @@ def _groups(rows: list[Row], pred) -> dict[str, list[Row]]:
 
 
 def _e2e_tables(rows: list[Row], stat: str) -> list[str]:
+    other = "median" if stat == "min" else "min"
     groups = _groups(rows, lambda r: r.kind.startswith("e2e"))
     if not groups:
         return []
     lines = ["### End to end: BERT-base (random init), dense vs MoEBERT-patched (E=4, expert 768, shared 512)", "",
-             f"| group | model | MoE backend | {stat} | min | TFLOP/s | x dense |", "|---|---|---|---:|---:|---:|---:|"]
+             f"| group | model | MoE backend | {stat} | {other} | TFLOP/s | x dense |", "|---|---|---|---:|---:|---:|---:|"]
     for g, rs in sorted(groups.items()):
         base = next((r for r in rs if r.impl == "dense"), None)
         for r in sorted(rs, key=lambda r: r.impl):
             lines.append(f"| {g} | {r.impl} | {r.get('moe_backend', '-')} | {fmt_time(r.t(stat))} | "
-                         f"{fmt_time(r.t('min'))} | {_num(r.get('tflops'), '{:.3f}')} | {_x(speedup(base, r, stat))} |")
+                         f"{fmt_time(r.t(other))} | {_num(r.get('tflops'), '{:.3f}')} | {_x(speedup(base, r, stat))} |")
     loss = sorted({str(r.get("loss")) for r in rows if r.kind == "e2e_train" and r.get("loss")})
     if loss:
         lines.append(f"\nTraining step loss: {', '.join(loss)}.")
@@ -304,20 +307,22 @@ def _e2e_tables(rows: list[Row], stat: str) -> list[str]:
 
 
 def _other_tables(rows: list[Row], stat: str) -> list[str]:
+    other = "median" if stat == "min" else "min"
     groups = _groups(rows, lambda r: r.kind != "moe_ffn" and not r.kind.startswith("e2e"))
     lines = []
     skip = {"impl", "kind", "device", "device_type", "timer", "dtype", "threads"}
     for g, rs in sorted(groups.items()):
         base = next((r for r in rs if r.get("baseline")), None) or \
             next((r for r in rs if "eager" in r.impl or "eager" in r.name), None)
+        # numeric extra_info that differs between the rows (peak memory, ...); constants are in the title
         extra = sorted({k for r in rs for k, v in r.info.items() if k not in skip and isinstance(v, (int, float))
-                        and not isinstance(v, bool)})
+                        and not isinstance(v, bool) and len({str(x.get(k)) for x in rs}) > 1})
         lines += [f"### {g}", ""]
-        head = f"| impl | {stat} | min | rounds |" + "".join(f" {k} |" for k in extra)
+        head = f"| impl | {stat} | {other} | rounds |" + "".join(f" {k} |" for k in extra)
         head += f" x {base.impl} |" if base else ""
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for r in rs:
-            line = f"| {r.impl} | {fmt_time(r.t(stat))} | {fmt_time(r.t('min'))} | {r.stats.get('rounds', '-')} |"
+            line = f"| {r.impl} | {fmt_time(r.t(stat))} | {fmt_time(r.t(other))} | {r.stats.get('rounds', '-')} |"
             line += "".join(f" {_num(r.get(k), '{:g}')} |" for k in extra)
             line += f" {_x(speedup(base, r, stat))} |" if base else ""
             lines.append(line)

@@ -57,9 +57,9 @@ CPU_ROWS = [
     _bench("e2e_infer 1x128 float32", "test_e2e_infer[1-moe]", 0.040, 0.045, kind="e2e_infer", impl="moe", B=1,
            device_type="cpu", moe_backend="torch"),
     _bench("distill_loss 13x[32,128,768] bf16", "test_distill[eager]", 0.009, 0.009, kind="distill_loss",
-           impl="eager", peak_mem_mib=300.0),
+           impl="eager", peak_mem_mib=300.0, L=13),
     _bench("distill_loss 13x[32,128,768] bf16", "test_distill[triton]", 0.003, 0.003, kind="distill_loss",
-           impl="triton", peak_mem_mib=60.0),
+           impl="triton", peak_mem_mib=60.0, L=13),
 ]
 
 
@@ -91,6 +91,7 @@ def test_markdown_rows_and_targets(report, tmp_path):
     assert "| 128 | dense | 10.00 ms | 8.00 ms | 0.100 | - | 1.00x | 0.40x |" in md
     assert "| e2e_infer 1x128 float32 | moe | torch | 40.00 ms | 45.00 ms | - | 2.50x |" in md
     # generic group: baseline is the eager row, numeric extra_info becomes a column
+    assert "| impl | median | min | rounds | peak_mem_mib | x eager |" in md  # L=13 is the same in both rows
     assert "| triton | 3.00 ms | 3.00 ms | 7 | 60 | 3.00x |" in md
     assert "torch 2.13.0+cpu, triton 3.9.0, CUDA none" in md
     assert "2026-11-25 10:00:00" in md and "`pytest benchmarks/ -q`" in md
@@ -150,7 +151,7 @@ def test_main_writes_report_and_handles_plot(report, tmp_path, capsys):
     assert rc == 0
     text = out.read_text()
     assert "`pytest benchmarks/ -q --x`" in text and "Times are the min over rounds" in text
-    assert "| 128 | torch | 2.00 ms | 2.00 ms |" in text
+    assert "| 128 | torch | 2.00 ms | 2.50 ms |" in text  # by min; the median beside it
     try:
         import matplotlib  # noqa: F401
         has_mpl = True
