@@ -138,7 +138,7 @@ def training_arguments(output_dir: str, *, learning_rate: float, batch_size: int
                        precision: str, seed: int = 0, max_steps: int = -1, weight_decay: float = 0.0,
                        warmup_ratio: float = 0.0, save_steps: int = 500, save_total_limit: Optional[int] = 2,
                        logging_steps: int = 50, gradient_accumulation_steps: int = 1, ddp_backend: Optional[str] = None,
-                       dataloader_num_workers: int = 0):
+                       dataloader_num_workers: int = 0, group_by_length: bool = True):
     """TrainingArguments for both finetune and distill; torchrun/accelerate set the world size."""
     from transformers import TrainingArguments
 
@@ -174,6 +174,11 @@ def training_arguments(output_dir: str, *, learning_rate: float, batch_size: int
         kw["warmup_ratio"] = warmup_ratio
     elif warmup_ratio:
         kw["warmup_steps"] = float(warmup_ratio)
+    if group_by_length:  # batches of similar length: far less padding to compute on
+        if "train_sampling_strategy" in accepted:
+            kw["train_sampling_strategy"] = "group_by_length"
+        elif "group_by_length" in accepted:
+            kw["group_by_length"] = True
     if "save_safetensors" in accepted:
         kw["save_safetensors"] = True
     return TrainingArguments(**kw)

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-rows", type=int, default=3000, help="train rows for the teacher")
     p.add_argument("--teacher-epochs", type=float, default=1.0)
     p.add_argument("--importance-rows", type=int, default=512, help="train rows for the importance scores")
-    p.add_argument("--distill-rows", type=int, default=3000, help="train rows for distillation")
+    p.add_argument("--distill-rows", type=int, default=6000, help="train rows for distillation")
     p.add_argument("--distill-epochs", type=float, default=1.0)
     p.add_argument("--eval-rows", type=int, default=1000, help="test rows to score (the test split has 1000)")
     p.add_argument("--max-length", type=int, default=64)
@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-size", type=int, help="default: d_ff/4 (384 for MiniLM)")
     p.add_argument("--shared", type=int, help="default: 2/3 of the expert size (256 for MiniLM)")
     p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
+    p.add_argument("--speed-rounds", type=int, default=2, help="timing passes per model (best one counts)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -129,9 +130,9 @@ def run(args) -> int:
            for name, m in {**models, "student before distillation": init}.items()}
     # Interleave the timing passes so both models see the same machine load.
     speed = {"teacher": 0.0, "student": 0.0}
-    for _ in range(2):
+    for _ in range(args.speed_rounds):
         for name, m in models.items():
-            speed[name] = max(speed[name], throughput(m, feats, tokenizer, 64, device, repeats=2))
+            speed[name] = max(speed[name], throughput(m, feats, tokenizer, 64, device, repeats=1))
     timings["evaluate"] = time.perf_counter() - t0
     t_tot, t_act = parameter_counts(models["teacher"])
     s_tot, s_act = parameter_counts(models["student"])

@@ -18,20 +18,27 @@ __all__ = ["predict_logits", "score", "throughput", "run_evaluate", "run_predict
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _batches(feats: list[dict], tokenizer, batch_size: int):
+def _by_length(feats: list[dict]) -> list[int]:
+    """Feature order, longest first: batches of similar length pad (and compute) less."""
+    return sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
+
+
+def _batches(feats: list[dict], tokenizer, batch_size: int, order: list[int]):
     from .data import Collator
 
     collate = Collator(tokenizer)
-    for i in range(0, len(feats), batch_size):
-        yield collate(feats[i:i + batch_size])
+    for i in range(0, len(order), batch_size):
+        yield collate([feats[k] for k in order[i:i + batch_size]])
 
 
 @torch.no_grad()
 def predict_logits(model, feats: list[dict], tokenizer, batch_size: int = 64, device: str = "cpu"):
-    """Logits for every feature, in order: ``[N, C]`` numpy, or ``(start, end)`` lists for QA."""
+    """Logits for every feature, in input order: ``[N, C]`` numpy, or ``(start, end)`` lists for QA.
+    Batches are formed by length (one routing plan per batch, little padding) and put back in order."""
     model.eval()
+    order = _by_length(feats)
     outs, starts, ends = [], [], []
-    for batch in _batches(feats, tokenizer, batch_size):
+    for batch in _batches(feats, tokenizer, batch_size, order):
         inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUTS}
         out = model(**inputs)
         if hasattr(out, "start_logits"):
@@ -42,7 +49,10 @@ def predict_logits(model, feats: list[dict], tokenizer, batch_size: int = 64, de
                 ends.append(e[:n].numpy())
         else:
             outs.append(out.logits.float().cpu().numpy())
-    return (starts, ends) if starts else np.concatenate(outs)
+    inverse = np.argsort(order)
+    if starts:
+        return [starts[k] for k in inverse], [ends[k] for k in inverse]
+    return np.concatenate(outs)[inverse]
 
 
 def _best_span(start: np.ndarray, end: np.ndarray, offsets: list, max_answer: int = 30) -> Optional[tuple]:
@@ -81,7 +91,7 @@ def throughput(model, feats: list[dict], tokenizer, batch_size: int = 64, device
     """Examples per second of batched inference over ``feats`` (best of ``repeats`` passes)."""
     model.eval()
     batches = [{k: v.to(device) for k, v in b.items() if k in _INPUTS}
-               for b in _batches(feats, tokenizer, batch_size)]
+               for b in _batches(feats, tokenizer, batch_size, _by_length(feats))]
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         model(**batches[0])
