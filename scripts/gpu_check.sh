@@ -11,15 +11,17 @@
 #              (TORCH_CUDA_ARCH_LIST=9.0 by default: one arch halves the nvcc time), then
 #              checks that moebert_kernels._C loads
 #   gpu-tests  tests/test_triton_moe_ffn.py, test_cuda_ext.py, test_distill_loss.py
-#   tests      the rest of the suite
 #   sanitize   compute-sanitizer --tool memcheck on scripts/sanitize_case.py (T=37, both kernels)
 #   bench-*    pytest benchmarks/<file> --benchmark-json=OUTDIR/bench_<name>.json (rounds capped)
 #   report     benchmarks/report.py -> OUTDIR/BENCHMARKS.md (+ moe_ffn_gpu.png)
-# Ends with a summary table on stdout (also OUTDIR/summary.md); exit 0 only if every stage passed.
+#   tests      the rest of the suite, last, with the time that is left
+# Ends with a summary table on stdout (also OUTDIR/summary.md); exit 0 only if every stage passed
+# (or was skipped through GPU_CHECK_SKIP).
 #
-# Knobs: GPU_CHECK_BUDGET_S (whole run, default 540 s: the stages share it and a stage that
-# would overrun is stopped with SIGINT, so pytest still writes its JSON), TORCH_CUDA_ARCH_LIST,
-# MOEBERT_BUILD_CUDA, MAX_JOBS, GPU_CHECK_SKIP="sanitize tests" (stage names to skip).
+# Knobs: GPU_CHECK_BUDGET_S (whole run, default 540 s so that it fits a 600 s remote command; the
+# stages share it and a stage that would overrun is stopped with SIGINT, so pytest still writes its
+# JSON; raise it on a machine of your own), TORCH_CUDA_ARCH_LIST, MOEBERT_BUILD_CUDA, MAX_JOBS,
+# MOEBERT_BENCH_MAX_ROUNDS (default 100), GPU_CHECK_SKIP="sanitize tests" (stage names to skip).
 set -u
 OUT=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -109,20 +111,22 @@ EOF"
 GPU_TESTS="tests/test_triton_moe_ffn.py tests/test_cuda_ext.py tests/test_distill_loss.py"
 GPU_TESTS_PRESENT=$(for f in $GPU_TESTS; do [ -f "$f" ] && printf '%s ' "$f"; done)
 IGNORES=$(for f in $GPU_TESTS_PRESENT; do printf -- '--ignore=%s ' "$f"; done)
-run_stage gpu-tests 200 "$PY -m pytest $GPU_TESTS_PRESENT -q -rs -p no:cacheprovider --junitxml=$OUT/gpu-tests.xml"
-run_stage tests 150 "$PY -m pytest tests -q -rs -p no:cacheprovider $IGNORES --junitxml=$OUT/tests.xml"
-run_stage sanitize 150 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 $PY scripts/sanitize_case.py"
+run_stage gpu-tests 170 "$PY -m pytest $GPU_TESTS_PRESENT -q -rs -p no:cacheprovider --junitxml=$OUT/gpu-tests.xml"
+run_stage sanitize 100 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 $PY scripts/sanitize_case.py"
 
 JSONS=""
 for f in moe_ffn end_to_end distill_loss; do
   [ -f "benchmarks/test_bench_$f.py" ] || continue
-  cap=90; [ "$f" = moe_ffn ] && cap=220
+  cap=75; [ "$f" = moe_ffn ] && cap=200
   run_stage "bench-$f" $cap "$PY -m pytest benchmarks/test_bench_$f.py $BENCH_ARGS --benchmark-json=$OUT/bench_$f.json"
   JSONS="$JSONS $OUT/bench_$f.json"
 done
 
 run_stage report 30 "$PY benchmarks/report.py $JSONS --out $OUT/BENCHMARKS.md --section gpu --plot $OUT/moe_ffn_gpu.png \
   --command 'bash scripts/gpu_check.sh OUTDIR (pytest benchmarks/test_bench_<name>.py $BENCH_ARGS, MOEBERT_BENCH_MAX_ROUNDS=$MOEBERT_BENCH_MAX_ROUNDS)'"
+
+# Last: the rest of the suite (CI runs it on CPU anyway); it gets whatever time is left.
+run_stage tests 150 "$PY -m pytest tests -q -rs -p no:cacheprovider $IGNORES --junitxml=$OUT/tests.xml"
 
 {
   echo "## gpu_check summary ($(date -u '+%Y-%m-%d %H:%M UTC'), $(( $(date +%s) - START ))s total)"
@@ -134,5 +138,8 @@ run_stage report 30 "$PY benchmarks/report.py $JSONS --out $OUT/BENCHMARKS.md --
   done
 } | tee "$OUT/summary.md"
 
-for s in "${STATUS[@]}"; do [ "$s" = PASS ] || exit 1; done
+# Exit 0 only if every stage passed or was skipped on request.
+for i in "${!STATUS[@]}"; do
+  [ "${STATUS[$i]}" = PASS ] || [ "${NOTES[$i]}" = GPU_CHECK_SKIP ] || exit 1
+done
 exit 0
