@@ -294,7 +294,8 @@ def _e2e_tables(rows: list[Row], stat: str) -> list[str]:
     if not groups:
         return []
     lines = ["### End to end: BERT-base (random init), dense vs MoEBERT-patched (E=4, expert 768, shared 512)", "",
-             f"| group | model | MoE backend | {stat} | {other} | TFLOP/s | x dense |", "|---|---|---|---:|---:|---:|---:|"]
+             f"| group | model | MoE backend | {stat} | {other} | TFLOP/s | x dense |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for g, rs in sorted(groups.items()):
         base = next((r for r in rs if r.impl == "dense"), None)
         for r in sorted(rs, key=lambda r: r.impl):

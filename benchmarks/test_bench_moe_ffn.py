@@ -69,7 +69,7 @@ def plan_indices(plan: RoutingPlan):
 
 
 def padded_bmm_moe(x, plan, e_sorted, slot, w1, b1, w2, b2):
-    E, T, d = w1.shape[0], x.shape[0], x.shape[1]
+    E, d = w1.shape[0], x.shape[1]
     cap = int(plan.expert_counts.max())  # host sync: the capacity sizes the buffer
     dest = e_sorted * cap + slot  # row of each sorted token in the [E*cap] buffer
     xp = x.new_zeros(E * cap, d).index_copy(0, dest, x.index_select(0, plan.sorted_token_ids))
