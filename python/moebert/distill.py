@@ -36,6 +36,9 @@ def _make_trainer_class():
             self.loss_fn = loss_fn.to(self.args.device)
             self.aux_weight = aux_weight
             self.last_parts: dict = {}
+            # Our loss is a per-batch mean that ignores num_items_in_batch: let the Trainer divide it by the
+            # gradient-accumulation steps as it does for plain losses.
+            self.model_accepts_loss_kwargs = False
 
         def _teacher_autocast(self):
             dev = self.args.device
@@ -66,9 +69,15 @@ def _make_trainer_class():
             aux = mk.aux_loss(self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model)
             if aux is not None:
                 loss = loss + self.aux_weight * aux
-            self.last_parts = {k: float(getattr(res, k)) for k in ("ce", "hidden_mse", "pred")
+            self.last_parts = {k: getattr(res, k) for k in ("ce", "hidden_mse", "pred")
                                if getattr(res, k, None) is not None}
             return (loss, out) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            # The loss's parts of the last step, read (one host sync) only when the Trainer logs.
+            if "loss" in logs:
+                logs.update({f"distill_{k}": round(float(v), 4) for k, v in self.last_parts.items()})
+            return super().log(logs, *args, **kwargs)
 
     return DistillTrainer
 
