@@ -71,6 +71,7 @@ setup(
         "numpy",
         "safetensors",
         "tqdm",
+        "accelerate>=0.26",
         "pybind11",
         "ninja",
     ],
