@@ -66,3 +66,12 @@ def test_moe_ffn_uses_forced_backend(monkeypatch):
     w1, b1, w2, b2 = torch.randn(2, 5, 3), torch.randn(2, 5), torch.randn(2, 3, 5), torch.randn(2, 3)
     moe_ffn(x, RoutingPlan.from_expert_ids(torch.tensor([0, 1, 1, 0]), 2), w1, b1, w2, b2, backend="torch")
     assert calls == [("moe_ffn", "torch")]
+
+
+def test_backend_report_lists_every_backend_with_reasons():
+    from moebert_kernels.__main__ import report
+
+    text = report()
+    for op in ("moe_ffn", "distill_loss"):
+        assert f"{op} on cpu: default backend 'torch'" in text
+    assert "cuda   unavailable: the cuda backend needs CUDA tensors" in text
