@@ -105,6 +105,8 @@ run_stage build 240 "$PY -m pip install --no-build-isolation --no-deps -v -e . &
 from moebert_kernels import _cuda
 ext, why = _cuda.load()
 print('extension:', 'moebert_kernels._C loaded' if ext is not None else 'NOT loaded: ' + why)
+from moebert_kernels.__main__ import report
+print(report())
 raise SystemExit(0 if ext is not None else 1)
 EOF"
 
