@@ -84,7 +84,8 @@ def load_teacher(path: str, task: TaskSpec, num_labels: Optional[int] = None, id
             kw["label2id"] = {v: int(k) for k, v in id2label.items()}
         if task.is_regression:
             kw["problem_type"] = "regression"
-    model = _head_class(task).from_pretrained(path, **kw)
+    # fp32 master weights even from a half-precision copy (scripts/pack_demo_model.py); AMP does the rest.
+    model = _head_class(task).from_pretrained(path, **kw).float()
     _check_head(model, task, path)
     return model.to(device) if device else model
 
