@@ -74,6 +74,7 @@ SAVES_HIDDEN = True
 
 _ACT_CODES = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 _REDUCE_BLOCK = 1024  # elements per reduce program: a streaming sum, 4 warps keep it bandwidth-bound
 
 
@@ -239,7 +240,13 @@ def _launch_dw(left, right, gate, tok, offsets, l_gather, r_gather, want_w, want
     T, M = left.shape
     N = right.shape[1]
     chunk = _dw_chunk(T, M, N, cfg, left.device)
+    if not cfg.chunk and triton.cdiv(T, chunk) + E > _MAX_GRID_Y:
+        # Chunks are grid axis 1, which CUDA caps at 65535 (the interpreter does not): widen them.
+        chunk = triton.cdiv(triton.cdiv(T, _MAX_GRID_Y - E), cfg.block_k) * cfg.block_k
     n_chunks = triton.cdiv(T, chunk) + E  # each expert adds at most one partial chunk
+    if n_chunks > _MAX_GRID_Y:
+        raise ValueError(f"dw config chunk={chunk} makes {n_chunks} split-K chunks at T={T}, E={E}; CUDA allows "
+                         f"{_MAX_GRID_Y} on grid axis 1: use a larger chunk (or 0 for automatic)")
     kernel_b = want_b and db_part is None
     pw = _empty((n_chunks, M, N), torch.float32, left.device) if want_w else None
     if kernel_b:
@@ -273,6 +280,8 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     common = _common(x, E)
     x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
     gate = gate.contiguous() if gate is not None else None
+    # The kernels index the plan with unit stride; a strided plan (a column of a [T, L] tensor) would be misread.
+    sorted_token_ids, expert_offsets = sorted_token_ids.contiguous(), expert_offsets.contiguous()
     out = _empty((T, d_out), x.dtype, x.device)
     hidden = _empty((T, h), x.dtype, x.device) if save_hidden else x.new_empty(0)
     if T == 0:
@@ -300,6 +309,7 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
     dev, dt = x.device, x.dtype
     x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
     gate = gate.contiguous() if gate is not None else None
+    sorted_token_ids, expert_offsets = sorted_token_ids.contiguous(), expert_offsets.contiguous()  # unit stride
     g_out = grad_out.to(dt).contiguous()
 
     need_dh = n_x or n_w1 or n_b1
