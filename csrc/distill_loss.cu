@@ -124,6 +124,9 @@ __device__ __forceinline__ Online online_merge(Online p, Online q) {
 }
 
 __device__ __forceinline__ Online online_add(Online p, float z, float x) {
+  // exp(-inf) = 0 adds nothing; without this, a -inf logit seen while p is still empty
+  // (p.m = -inf) takes the branch below with expf(-inf - -inf) = NaN and poisons the whole row.
+  if (z == -INFINITY) return p;
   if (z <= p.m) {
     const float e = expf(z - p.m);
     return {p.m, p.d + e, p.a + e * x};

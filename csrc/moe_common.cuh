@@ -90,8 +90,10 @@ __device__ __forceinline__ bool map_tile(const int64_t* __restrict__ offsets, in
 
 // ---- tile matmul: Cs += As^T-layout x Bs over one BK stage -----------------------------
 
-// fp32: SIMT, each thread an 8x4 micro-tile, rows ty + 8i and columns tx + 16j so that a
-// warp's shared-memory reads are broadcasts (As) or consecutive words (Bs).
+// fp32 (and 16-bit types where WMMA lacks them, see TileMma): SIMT, each thread an 8x4
+// micro-tile, rows ty + 8i and columns tx + 16j so that a warp's shared-memory reads are
+// broadcasts (As) or consecutive words (Bs). Products and sums in fp32.
+template <typename T>
 struct MmaSimt {
   float acc[8][4];
   __device__ __forceinline__ void zero() {
@@ -100,15 +102,15 @@ struct MmaSimt {
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
   }
-  __device__ __forceinline__ void step(const float* As, const float* Bs) {
+  __device__ __forceinline__ void step(const T* As, const T* Bs) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll 4
     for (int k = 0; k < kBK; ++k) {
       float a[8], b[4];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = As[k * kLDA + ty + 8 * i];
+      for (int i = 0; i < 8; ++i) a[i] = to_float(As[k * kLDA + ty + 8 * i]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[k * kLDB + tx + 16 * j];
+      for (int j = 0; j < 4; ++j) b[j] = to_float(Bs[k * kLDB + tx + 16 * j]);
 #pragma unroll
       for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -165,7 +167,19 @@ struct MmaWmma {
   }
 };
 
+// bf16 WMMA fragments exist only from sm_80 (fp16 from sm_70): compiled for an older arch
+// (TORCH_CUDA_ARCH_LIST with 7.5, e.g. a T4), bf16 takes the SIMT path instead of failing to
+// build ("incomplete type wmma::fragment<..., __nv_bfloat16, ...>"). The host pass never
+// instantiates the kernel bodies, so it may see either choice.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kWmmaBf16 = false;
+#else
+constexpr bool kWmmaBf16 = true;
+#endif
+
 template <typename T>
-using TileMma = typename std::conditional<std::is_same<T, float>::value, MmaSimt, MmaWmma<T>>::type;
+using TileMma = typename std::conditional<std::is_same<T, float>::value ||
+                                              (std::is_same<T, __nv_bfloat16>::value && !kWmmaBf16),
+                                          MmaSimt<T>, MmaWmma<T>>::type;
 
 }  // namespace moebert
