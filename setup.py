@@ -38,12 +38,15 @@ def _cuda_extension():
         print(f"moebert-kernels: skipping the CUDA extension: {why}", file=sys.stderr)
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Recorded in _C so the loader can refuse a GPU the build has no code for (';' would end
+    # the shell command ninja runs, hence ',').
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", ",").replace(" ", ",")
     ext = CUDAExtension(
         name="moebert_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": ["-O3", f"-DMOEBERT_CUDA_ARCHS={archs}"],
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )

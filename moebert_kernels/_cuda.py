@@ -28,7 +28,31 @@ def load() -> tuple[Optional[ModuleType], str]:
         return None, f"moebert_kernels._C exists but failed to load ({exc}); rebuild it against torch {torch.__version__}"
     if not torch.cuda.is_available():
         return None, "moebert_kernels._C is built but no CUDA device is available"
+    archs = getattr(ext, "cuda_archs", "")
+    cap = torch.cuda.get_device_capability()
+    if archs and not arch_supported(archs, cap):
+        return None, (f"moebert_kernels._C was built for {archs!r} but this GPU is sm_{cap[0]}{cap[1]}; "
+                      f"rebuild with TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}")
     return ext, ""
+
+
+def arch_supported(archs: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for ``archs`` ("8.0,9.0+PTX") has code that runs on ``capability``.
+
+    SASS for M.m runs on M.n with n >= m; PTX for M.m is JIT-compiled on anything newer.
+    """
+    for entry in archs.replace(";", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        try:
+            major, minor = (int(v) for v in entry.removesuffix("+PTX").rstrip("a").split("."))
+        except ValueError:
+            return True  # a spelling we do not know: do not block, the driver will say
+        if (major == capability[0] and minor <= capability[1]) or (ptx and (major, minor) <= capability):
+            return True
+    return False
 
 
 def extension_error() -> str:

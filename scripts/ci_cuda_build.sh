@@ -47,7 +47,7 @@ T2=$(date +%s)
 ls "$COPY"/moebert_kernels/_C*.so >/dev/null
 
 # 5. import it and run the extension's tests from the copy.
-(cd "$COPY" && "$PY" -c "import moebert_kernels._C, torch; print('moebert_C ops:', sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('moebert_C::')))")
+(cd "$COPY" && "$PY" -c "import moebert_kernels._C, torch; print('built for:', moebert_kernels._C.cuda_archs); assert moebert_kernels._C.cuda_archs == '8.0,9.0', moebert_kernels._C.cuda_archs; print('moebert_C ops:', sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('moebert_C::')))")
 (cd "$COPY" && "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py)
 T3=$(date +%s)
 

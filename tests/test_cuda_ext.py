@@ -376,3 +376,14 @@ def test_cuda_graph_capture_and_replay():
         ref = moe_ffn_reference(x.double(), plan.sorted_token_ids, plan.expert_offsets, w1.double(), b1.double(),
                                 w2.double(), b2.double(), gate.double(), "gelu")
         assert _rel(static[0], ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("archs,cap,ok", [
+    ("8.0,9.0", (8, 0), True), ("8.0,9.0", (8, 6), True), ("8.0,9.0", (9, 0), True),
+    ("8.0,9.0", (7, 5), False), ("8.0,9.0", (10, 0), False), ("8.0,9.0+PTX", (10, 0), True),
+    ("9.0a", (9, 0), True), ("8.6", (8, 0), False), ("", (7, 0), False),
+])
+def test_arch_supported(archs, cap, ok):
+    from moebert_kernels._cuda import arch_supported
+
+    assert arch_supported(archs, cap) is ok
