@@ -14,6 +14,7 @@
 #   sanitize   compute-sanitizer --tool memcheck on scripts/sanitize_case.py (T=37, both kernels)
 #   bench-*    pytest benchmarks/<file> --benchmark-json=OUTDIR/bench_<name>.json (rounds capped)
 #   report     benchmarks/report.py -> OUTDIR/BENCHMARKS.md (+ moe_ffn_gpu.png)
+#   demo       moebert demo --device cuda, only if carry/minilm exists (scripts/pack_demo_model.py)
 #   tests      the rest of the suite, last, with the time that is left
 # Ends with a summary table on stdout (also OUTDIR/summary.md); exit 0 only if every stage passed
 # (or was skipped through GPU_CHECK_SKIP).
@@ -126,6 +127,11 @@ done
 
 run_stage report 30 "$PY benchmarks/report.py $JSONS --out $OUT/BENCHMARKS.md --section gpu --plot $OUT/moe_ffn_gpu.png \
   --command 'bash scripts/gpu_check.sh OUTDIR (pytest benchmarks/test_bench_<name>.py $BENCH_ARGS, MOEBERT_BENCH_MAX_ROUNDS=$MOEBERT_BENCH_MAX_ROUNDS)'"
+
+# The demo on the GPU, when its model was carried here (python scripts/pack_demo_model.py carry/minilm).
+if [ -d carry/minilm ]; then
+  run_stage demo 150 "$PY -m moebert.cli demo --model carry/minilm --device cuda"
+fi
 
 # Last: the rest of the suite (CI runs it on CPU anyway); it gets whatever time is left.
 run_stage tests 150 "$PY -m pytest tests -q -rs -p no:cacheprovider $IGNORES --junitxml=$OUT/tests.xml"
