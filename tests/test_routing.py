@@ -14,7 +14,7 @@ def _golden(ids: torch.Tensor, E: int):
     return order, counts, offsets
 
 
-@pytest.mark.parametrize("T,E", [(1, 1), (1, 4), (37, 4), (64, 8), (200, 3)])
+@pytest.mark.parametrize("T,E", [(1, 1), (1, 4), (37, 4), (64, 8), (200, 3), (1000, 4)])  # T=1000: an unstable CPU sort reorders
 def test_plan_matches_golden(T, E):
     ids = torch.randint(0, E, (T,))
     plan = RoutingPlan.from_expert_ids(ids, E)
