@@ -35,6 +35,23 @@ def _expert_tile(offsets_ptr, tile, E, BLOCK, E_POW2: tl.constexpr):
 
 
 @triton.jit
+def _gemm_program(offsets_ptr, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr):
+    """This program's (expert, row tile, column tile, expert-order rows, row mask, columns, column mask).
+
+    Columns vary fastest, so the programs of one row tile run together and share its gathered
+    rows in L2. An expert >= E means the program has no work.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    e, row_start, row_end = _expert_tile(offsets_ptr, tile_m, E, BLOCK_M, E_POW2)
+    offs_r = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, tile_m, pid_n, offs_r, offs_r < row_end, offs_n, offs_n < N
+
+
+@triton.jit
 def _activation(h, ACTIVATION: tl.constexpr):
     # h: fp32 pre-activation
     if ACTIVATION == 0:  # exact erf GELU, as BERT uses
@@ -137,19 +154,10 @@ def _moe_ffn_up_kernel(
     PRECISION: tl.constexpr,
 ):
     """GEMM1: gather rows of x through the plan, add b1, activate, write in expert order."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # n fastest: the programs of one row tile run together and share its gathered x rows in L2.
-    tile_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-    e, row_start, row_end = _expert_tile(offsets_ptr, tile_m, E, BLOCK_M, E_POW2)
+    e, tile_m, pid_n, offs_r, row_mask, offs_n, n_mask = _gemm_program(offsets_ptr, N, E, BLOCK_M, BLOCK_N, E_POW2)
     if e >= E:
         return
-    offs_r = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = offs_r < row_end
     tok = tl.load(tok_ptr + offs_r, mask=row_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     acc, _ = _rows_times_weight(X_ptr, stride_xm, tok, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
                                 stride_wn, offs_n, n_mask, B_ptr, K, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                                 UPCAST, PRECISION)
@@ -193,17 +201,9 @@ def _moe_ffn_down_kernel(
 
     Top-1 routing writes every token row exactly once, so the scatter is a plain store.
     """
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tile_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-    e, row_start, row_end = _expert_tile(offsets_ptr, tile_m, E, BLOCK_M, E_POW2)
+    e, tile_m, pid_n, offs_r, row_mask, offs_n, n_mask = _gemm_program(offsets_ptr, N, E, BLOCK_M, BLOCK_N, E_POW2)
     if e >= E:
         return
-    offs_r = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = offs_r < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     acc, _ = _rows_times_weight(A_ptr, stride_am, offs_r, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
                                 stride_wn, offs_n, n_mask, B_ptr, K, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                                 UPCAST, PRECISION)
@@ -258,18 +258,10 @@ def _moe_ffn_bwd_hidden_kernel(
     The dgate identity: rowsum(G * (W2 a + b2)) = rowsum(a * (G W2)) + G . b2, so the
     ungated output never has to be recomputed.
     """
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tile_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-    e, row_start, row_end = _expert_tile(offsets_ptr, tile_m, E, BLOCK_M, E_POW2)
+    e, tile_m, pid_n, offs_r, row_mask, offs_n, n_mask = _gemm_program(offsets_ptr, N, E, BLOCK_M, BLOCK_N, E_POW2)
     if e >= E:
         return
-    offs_r = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = offs_r < row_end
     tok = tl.load(tok_ptr + offs_r, mask=row_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     p, gb = _rows_times_weight(G_ptr, stride_gm, tok, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
                                stride_wn, offs_n, n_mask, B2_ptr + e * K, K, DGATE, BLOCK_M, BLOCK_N, BLOCK_K,
                                EVEN_K, UPCAST, PRECISION)
