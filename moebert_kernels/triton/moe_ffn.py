@@ -270,18 +270,26 @@ def _launch_dw(left, right, gate, tok, offsets, l_gather, r_gather, want_w, want
     )
 
 
+def _contiguous_inputs(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation):
+    """Check the activation and make every operand contiguous (no copy when it already is).
+
+    The kernels index the plan with unit stride; a strided plan (a column of a [T, L] tensor)
+    would otherwise be misread.
+    """
+    if activation not in _ACT_CODES:
+        raise ValueError(f"activation must be one of {tuple(_ACT_CODES)}, got {activation!r}")
+    tensors = (x, sorted_token_ids, expert_offsets, w1, b1, w2, b2)
+    return (*(t.contiguous() for t in tensors), gate.contiguous() if gate is not None else None)
+
+
 def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden):
     """Backend contract: ``(out [T, d_out], hidden [T, h] expert order or empty)``."""
+    x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
+        x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation)
     T, d = x.shape
     E, h, _ = w1.shape
     d_out = w2.shape[1]
-    if activation not in _ACT_CODES:
-        raise ValueError(f"activation must be one of {tuple(_ACT_CODES)}, got {activation!r}")
     common = _common(x, E)
-    x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
-    gate = gate.contiguous() if gate is not None else None
-    # The kernels index the plan with unit stride; a strided plan (a column of a [T, L] tensor) would be misread.
-    sorted_token_ids, expert_offsets = sorted_token_ids.contiguous(), expert_offsets.contiguous()
     out = _empty((T, d_out), x.dtype, x.device)
     hidden = _empty((T, h), x.dtype, x.device) if save_hidden else x.new_empty(0)
     if T == 0:
@@ -298,18 +306,15 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
 def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
                      needs_grad):
     """Backend contract: ``(dx, dw1, db1, dw2, db2, dgate)``, all full-shaped; unneeded ones are left unwritten."""
+    x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
+        x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation)
     T, d = x.shape
     E, h, _ = w1.shape
     d_out = w2.shape[1]
-    if activation not in _ACT_CODES:
-        raise ValueError(f"activation must be one of {tuple(_ACT_CODES)}, got {activation!r}")
     common = _common(x, E)
     n_x, n_w1, n_b1, n_w2, n_b2, n_g = (bool(v) for v in needs_grad)
     n_g = n_g and gate is not None
     dev, dt = x.device, x.dtype
-    x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
-    gate = gate.contiguous() if gate is not None else None
-    sorted_token_ids, expert_offsets = sorted_token_ids.contiguous(), expert_offsets.contiguous()  # unit stride
     g_out = grad_out.to(dt).contiguous()
 
     need_dh = n_x or n_w1 or n_b1
