@@ -140,14 +140,9 @@ def build_trainer(args):
 
 
 def run(args) -> int:
-    from .finetune import _resume
+    from .finetune import train_and_save
     from .tasks import get_task
 
     task = get_task(args.task)
     trainer, tokenizer, rows = build_trainer(args)
-    trainer.train(resume_from_checkpoint=_resume(args))
-    trainer.save_model(args.output)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output)
-        print(f"distilled student ({task.name}, {len(rows)} rows from {rows.source}) saved to {args.output}")
-    return 0
+    return train_and_save(trainer, tokenizer, args, f"distilled student ({task.name}, {len(rows)} rows from {rows.source})")

@@ -48,11 +48,16 @@ def run(args) -> int:
                                warmup_ratio=args.warmup_ratio, save_steps=args.save_steps,
                                logging_steps=args.logging_steps)
     trainer = Trainer(model=model, args=targs, data_collator=Collator(tokenizer), train_dataset=feats)
+    return train_and_save(trainer, tokenizer, args, f"teacher ({task.name}, {len(rows)} rows from {rows.source})")
+
+
+def train_and_save(trainer, tokenizer, args, what: str) -> int:
+    """Train (resuming when asked), save model and tokenizer once (rank 0), and say where."""
     trainer.train(resume_from_checkpoint=_resume(args))
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output)
-        print(f"teacher ({task.name}, {len(rows)} rows from {rows.source}) saved to {args.output}")
+        print(f"{what} saved to {args.output}")
     return 0
 
 
