@@ -71,7 +71,7 @@ def _check(backend, case, dtype, device, poison=None, grad_scale=2.5):
     kw = dict(case)
     shape = {k: kw.pop(k) for k in ("B", "C", "squad", "labels") if k in kw}
     sh, th, sl, tl, y, mask = _make(dtype=dtype, device=device, **shape)
-    opts = dict(lam=0.7, alpha_ce=1.3, layer_weights=[0.5 + i / L for i in range(L)], **kw)
+    opts = {**dict(lam=0.7, alpha_ce=1.3, layer_weights=[0.5 + i / L for i in range(L)]), **kw}
     out = distill_loss(sh, th, sl, tl, y, mask, backend=backend, **opts)
     assert isinstance(out, DistillOutput)
     (out.loss * grad_scale).backward()  # grad_output != 1
@@ -198,14 +198,33 @@ def test_no_grad_path(backend):
     assert not out.loss.requires_grad and _rel(out.loss, ref.loss) < 1e-6
 
 
-def test_second_backward_raises():
-    """Backward scales the saved gradients in place; a second pass over the same graph is refused, not wrong."""
-    sh, th, sl, tl, y, mask = _make(n_layers=2)
-    out = distill_loss(sh, th, sl, tl, y)
-    out.loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError):
-        out.loss.backward()
+@pytest.mark.parametrize("backend", _backends("cpu"))
+def test_zero_and_negative_layer_weights_unit_grad(backend):
+    """A zero weight (no gradient, but the layer's MSE is still reported), a negative one, and grad_output 1."""
+    weights = [0.0, -0.5] + [1.0] * (L - 2)
+    out, ref = _check(backend, dict(C=3, layer_weights=weights), torch.float32, "cpu", grad_scale=1.0)
+    assert out.per_layer[0] > 0
 
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_repeated_backward_is_right_or_refused(scale):
+    """Backward may hand out or scale the saved gradients in place; re-running the graph must then either raise
+    or accumulate exactly the right gradient, never a wrong one. ``scale`` 1 takes the CPU no-scale path."""
+    sh, th, sl, tl, y, mask = _make(n_layers=2)
+    want = torch.autograd.grad(scale * distill_loss_reference(sh, th, sl, tl, y).loss, sh + [sl])
+    out = distill_loss(sh, th, sl, tl, y)
+    runs, refused = 0, False
+    for _ in range(3):
+        try:
+            (out.loss * scale).backward(retain_graph=True)
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            refused = True
+            break
+        runs += 1
+        for t, w in zip(sh + [sl], want):
+            assert _rel(t.grad, runs * w) < 1e-5
+    assert runs >= 1 and (refused or runs == 3)
 
 def test_module_matches_functional():
     sh, th, sl, tl, y, mask = _make(n_layers=3)
