@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moebert_kernels
 from moebert_kernels import DistillationLoss, DistillOutput, distill_loss, distill_loss_reference
@@ -204,6 +205,35 @@ def test_zero_and_negative_layer_weights_unit_grad(backend):
     weights = [0.0, -0.5] + [1.0] * (L - 2)
     out, ref = _check(backend, dict(C=3, layer_weights=weights), torch.float32, "cpu", grad_scale=1.0)
     assert out.per_layer[0] > 0
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_backward_does_no_full_size_work(scale):
+    """The gradients exist after the forward: backward must not zero-fill grads for the op's gradient outputs
+    (autograd does unless told not to) and, with grad_output 1 on CPU, must not touch them at all."""
+    sh, th, sl, tl, y, mask = _make(n_layers=3)
+    out = distill_loss(sh, th, sl, tl, y)
+    log = _OpLog()
+    with log:
+        (out.loss * scale).backward()
+    hidden_shape = tuple(sh[0].shape)
+    full = [(name, shape) for name, shape in log.ops if shape == hidden_shape and not name.startswith("detach")]
+    assert not [op for op in full if "zero" in op[0] or "fill" in op[0]], full
+    if scale == 1.0:
+        assert full == [], full
+    else:
+        assert {name for name, _ in full} == {"mul_.Tensor"} and len(full) == 3, full
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5])
