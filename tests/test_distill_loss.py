@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import moebert_kernels
 from moebert_kernels import DistillationLoss, DistillOutput, distill_loss, distill_loss_reference
 from moebert_kernels.ops.dispatch import backend_status
+from _oplog import OpLog
 
 HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device; none is present")
@@ -207,24 +207,13 @@ def test_zero_and_negative_layer_weights_unit_grad(backend):
     assert out.per_layer[0] > 0
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.append((func.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
-        return out
-
-
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 def test_backward_does_no_full_size_work(scale):
     """The gradients exist after the forward: backward must not zero-fill grads for the op's gradient outputs
     (autograd does unless told not to) and, with grad_output 1 on CPU, must not touch them at all."""
     sh, th, sl, tl, y, mask = _make(n_layers=3)
     out = distill_loss(sh, th, sl, tl, y)
-    log = _OpLog()
+    log = OpLog()
     with log:
         (out.loss * scale).backward()
     hidden_shape = tuple(sh[0].shape)

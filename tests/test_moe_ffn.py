@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from moebert_kernels import RoutingPlan, moe_ffn
 from moebert_kernels.ops import moe_ffn_reference
+from _oplog import OpLog
 
 
 def per_token_loop(x, ids, w1, b1, w2, b2, gate=None, activation="gelu"):
@@ -127,6 +128,21 @@ def test_no_grad_saves_nothing_and_matches():
         a = moe_ffn(x, plan, w1, b1, w2, b2)
     assert not a.requires_grad
     assert torch.equal(a, moe_ffn(x, plan, w1, b1, w2, b2))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_does_not_zero_fill_the_saved_hidden_grad(threads, monkeypatch):
+    """The pre-activation is an op output only to be saved; autograd must not make a zero [T, h] grad for it."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # both torch-backend paths
+    T, d, h, E = 11, 6, 10, 3
+    x, ids, w1, b1, w2, b2, gate = make(T, d, h, E, dtype=torch.float32, gate=True)
+    params = [t.requires_grad_() for t in (x, w1, b1, w2, b2, gate)]
+    out = moe_ffn(x, RoutingPlan.from_expert_ids(ids, E), w1, b1, w2, b2, gate)
+    log = OpLog()
+    with log:
+        out.square().sum().backward()
+    assert not [op for op in log.ops if op[0] in ("zeros.default", "zeros_like.default") and op[1] == (T, h)], log.ops
+    assert all(p.grad is not None for p in params)
 
 
 BAD = [

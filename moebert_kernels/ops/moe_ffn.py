@@ -260,6 +260,9 @@ def _(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidde
 def _setup_context(ctx, inputs, output):
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, backend, _ = inputs
     ctx.activation, ctx.backend = activation, backend
+    # The saved pre-activation is an output only to be kept; without this autograd would zero-fill a [T, h]
+    # grad for it in every backward.
+    ctx.set_materialize_grads(False)
     ctx.has_gate = gate is not None
     saved = [x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, output[1]]
     if gate is not None:
@@ -270,6 +273,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_hidden):
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, hidden, *rest = ctx.saved_tensors
     gate = rest[0] if ctx.has_gate else None
+    if grad_out is None:  # the output took no part in the loss
+        return (None,) * 11
     nd = ctx.needs_input_grad
     needs = [nd[0], nd[3], nd[4], nd[5], nd[6], nd[7] and ctx.has_gate]
     dx, dw1, db1, dw2, db2, dgate = torch.ops.moebert.moe_ffn_bwd(
