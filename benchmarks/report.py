@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-IMPL_ORDER = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "torch_bmm_proto", "triton", "cuda"]
+IMPL_ORDER = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
 KERNEL_IMPLS = ("triton", "cuda")
 
 
@@ -152,7 +152,7 @@ def targets(rows: list[Row], stat: str) -> list[tuple[str, str, str]]:
         # Issue 6: CPU, 2 threads, fp32, T=128, MoE-FFN >= 3.8x the dense FFN.
         m = dict(kind="moe_ffn", stat=stat, mode="fwd", T=128, E=4, dtype="float32")
         dense = _find(cpu, impl="dense", **m)
-        for impl in ("torch", "torch_bmm_proto", "loop", "padded_bmm", "grouped_mm"):
+        for impl in ("torch", "loop", "padded_bmm", "grouped_mm"):
             r = _find(cpu, impl=impl, **m)
             s = speedup(dense, r, stat) if r else None
             res.append((f"CPU fp32 T=128 E=4 MoE-FFN fwd `{impl}` >= 3.8x dense FFN",

@@ -10,7 +10,6 @@ Each benchmark group is one shape (mode, T, E, dtype), so one table compares:
 - ``grouped_mm``  ``F.grouped_mm`` / ``torch._grouped_mm`` on expert-sorted rows, with a separate
                   gather before and scatter after (skipped where the device/dtype lacks it);
 - ``torch`` / ``triton`` / ``cuda``: ``moebert_kernels.ops.moe_ffn(..., backend=...)``;
-- ``torch_bmm_proto`` (CPU only): a proposed CPU forward for the torch backend, see its docstring.
 
 All compute y = W2[e] gelu(W1[e] x + b1[e]) + b2[e] (no gate). The routing plan is built once
 outside the timed region for the alternatives that take one (hash routing builds it once per
@@ -40,7 +39,7 @@ if DEVICE.type == "cuda" or full_matrix():
 else:
     TOKENS, EXPERTS = [128, 1024], [4]
 MODES = ["fwd", "fwd+bwd"]
-IMPLS = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "torch_bmm_proto", "triton", "cuda"]
+IMPLS = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
 BACKENDS = ("torch", "triton", "cuda")
 
 
@@ -76,26 +75,6 @@ def padded_bmm_moe(x, plan, e_sorted, slot, w1, b1, w2, b2):
     hp = F.gelu(torch.baddbmm(b1.unsqueeze(1), xp.view(E, cap, d), w1.transpose(1, 2)))
     yp = torch.baddbmm(b2.unsqueeze(1), hp, w2.transpose(1, 2))
     return yp.reshape(E * cap, -1).index_select(0, dest.index_select(0, plan.inverse))
-
-
-def torch_bmm_proto(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2):
-    """Prototype for the torch backend's CPU forward (same arguments as the backend contract).
-
-    On CPU reading the counts is free, so pad to the largest expert and run each GEMM as ONE
-    ``baddbmm`` instead of E ``addmm``: every parallel region costs a fork/join of the OpenMP
-    team, and with 2 threads on a shared machine those joins dominate at small T. The padding
-    rows are zeros and are dropped again.
-    """
-    E, (T, d) = w1.shape[0], x.shape
-    counts = expert_offsets[1:] - expert_offsets[:-1]
-    cap = int(counts.max())
-    e_sorted = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=T)
-    dest = e_sorted * cap + (torch.arange(T, device=x.device) - expert_offsets.index_select(0, e_sorted))
-    xp = x.new_zeros(E * cap, d).index_copy_(0, dest, x.index_select(0, sorted_token_ids))
-    hp = F.gelu(torch.baddbmm(b1.unsqueeze(1), xp.view(E, cap, d), w1.transpose(1, 2)))
-    yp = torch.baddbmm(b2.unsqueeze(1), hp, w2.transpose(1, 2))
-    ys = yp.view(E * cap, -1).index_select(0, dest)
-    return ys.new_empty(T, ys.shape[1]).index_copy_(0, sorted_token_ids, ys)
 
 
 def _grouped_mm_fn():
@@ -169,8 +148,6 @@ def _skip_reason(impl):
     if impl == "grouped_mm":
         ok, why = grouped_mm_support(DEVICE.type, DTYPE)
         return None if ok else why
-    if impl == "torch_bmm_proto" and DEVICE.type != "cpu":
-        return "a prototype for the torch backend's CPU path; on CUDA the kernels are measured instead"
     return None
 
 
@@ -201,7 +178,6 @@ def test_moe_ffn(bench, mode, E, T, impl):
             "loop": lambda: loop_moe(x, plan.expert_ids, *w),
             "padded_bmm": lambda: padded_bmm_moe(x, plan, e_sorted, slot, *w),
             "grouped_mm": lambda: grouped_mm_moe(x, plan, e_sorted, offs, *w),
-            "torch_bmm_proto": lambda: torch_bmm_proto(x, plan.sorted_token_ids, plan.expert_offsets, *w),
         }.get(impl, lambda: moe_ffn(x, plan, *w, backend=impl))
         _check_values(call, x, plan, w)
 

@@ -97,6 +97,13 @@ class _Segments:
             self.cap = cap
             self.dest = e_sorted * cap + (torch.arange(T, device=x.device) - expert_offsets.index_select(0, e_sorted))
 
+    def token_maps(self, sorted_token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(src, pos)``: the token each padded row reads (padding rows re-read token 0: finite, then dropped)
+        and the padded row holding each token, so the forward gathers in and out with one index_select each."""
+        src = sorted_token_ids.new_zeros(self.E * self.cap).index_copy_(0, self.dest, sorted_token_ids)
+        pos = torch.empty_like(self.dest).index_copy_(0, sorted_token_ids, self.dest)
+        return src, pos
+
     def pad(self, rows: Tensor) -> Tensor:
         out = rows.new_zeros(self.E * self.cap, *rows.shape[1:]).index_copy_(0, self.dest, rows)
         return out.view(self.E, self.cap, *rows.shape[1:])
@@ -108,21 +115,25 @@ class _Segments:
 def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden):
     T, E, h, d_out = x.shape[0], w1.shape[0], w1.shape[1], w2.shape[1]
     seg = _Segments(x, expert_offsets, E)
-    xs = x.index_select(0, sorted_token_ids)
     if seg.padded:
-        hp = torch.baddbmm(b1.unsqueeze(1), seg.pad(xs), w1.transpose(1, 2))
-        ys = seg.unpad(torch.baddbmm(b2.unsqueeze(1), activate(hp, activation), w2.transpose(1, 2)))
-        hs = seg.unpad(hp) if save_hidden else None
-    else:
-        ys, hs = x.new_empty(T, d_out), (x.new_empty(T, h) if save_hidden else None)
-        for e in range(E):
-            lo, hi = seg.bounds[e], seg.bounds[e + 1]
-            if lo == hi:
-                continue
-            he = torch.addmm(b1[e], xs[lo:hi], w1[e].t())
-            torch.addmm(b2[e], activate(he, activation), w2[e].t(), out=ys[lo:hi])
-            if hs is not None:
-                hs[lo:hi] = he
+        src, pos = seg.token_maps(sorted_token_ids)
+        xp = x.index_select(0, src).view(E, seg.cap, -1)
+        hp = torch.baddbmm(b1.unsqueeze(1), xp, w1.transpose(1, 2))
+        yp = torch.baddbmm(b2.unsqueeze(1), activate(hp, activation), w2.transpose(1, 2))
+        out = yp.view(E * seg.cap, d_out).index_select(0, pos)
+        if gate is not None:
+            out.mul_(gate.to(out.dtype).unsqueeze(-1))
+        return out, (seg.unpad(hp) if save_hidden else x.new_empty(0))
+    xs = x.index_select(0, sorted_token_ids)
+    ys, hs = x.new_empty(T, d_out), (x.new_empty(T, h) if save_hidden else None)
+    for e in range(E):
+        lo, hi = seg.bounds[e], seg.bounds[e + 1]
+        if lo == hi:
+            continue
+        he = torch.addmm(b1[e], xs[lo:hi], w1[e].t())
+        torch.addmm(b2[e], activate(he, activation), w2[e].t(), out=ys[lo:hi])
+        if hs is not None:
+            hs[lo:hi] = he
     if gate is not None:
         ys = ys * gate.index_select(0, sorted_token_ids).to(ys.dtype).unsqueeze(-1)
     out = torch.index_copy(x.new_empty(T, d_out), 0, sorted_token_ids, ys)
