@@ -19,6 +19,7 @@ dense GEMM pair of equal FLOPs on the same device (``gemm_pair_tflops``) and the
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
@@ -184,6 +185,26 @@ def gemm_pair_tflops(T: int, d: int, h: int, dtype: torch.dtype, device: torch.d
     rate = 4.0 * T * d * h / t / 1e12
     _GEMM_RATES[key] = rate
     return rate
+
+
+def pin_glibc_malloc() -> str:
+    """Fix glibc's mmap and trim thresholds for the whole run; returns what was done, for the report.
+
+    By default glibc moves its mmap threshold up as large blocks are freed and trims the heap top, so a case
+    that runs after one with many large temporaries can pay thousands of page faults a step (measured on the
+    2-vCPU host: ``distill_loss`` fwd+bwd 2.1 ms median alone, 6.1 ms right after ``eager``, 1,711 faults a
+    step). Tables would then rank the run order, not the code. Fixed thresholds (32 MiB, 1 GiB) keep freed
+    blocks in the heap for every case alike, much as tcmalloc or jemalloc would.
+    """
+    if os.environ.get("MOEBERT_BENCH_MALLOC", "pinned") == "default":
+        return "glibc defaults (MOEBERT_BENCH_MALLOC=default)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return "system default (not glibc)"
+    return "glibc, mmap threshold 32 MiB, trim threshold 1 GiB (pinned)" if ok else "glibc defaults (mallopt failed)"
 
 
 class Bench:

@@ -6,7 +6,9 @@
 - The ``bench`` fixture wraps pytest-benchmark's ``benchmark`` with the right clock
   (see ``_timing.py``). Each benchmark group is one shape, so one table compares the
   alternatives on it.
-- The environment (torch, triton, CUDA, device, threads, command) is written into the
+- glibc's malloc is pinned (see ``_timing.pin_glibc_malloc``) so CPU times do not depend on the order
+  of the cases; ``MOEBERT_BENCH_MALLOC=default`` leaves it alone.
+- The environment (torch, triton, CUDA, device, threads, malloc, command) is written into the
   JSON's ``machine_info`` for ``report.py``.
 """
 import os
@@ -16,11 +18,12 @@ import sys
 import pytest
 import torch
 
-from _timing import Bench, bench_device, cpu_model, full_matrix, set_cpu_threads
+from _timing import Bench, bench_device, cpu_model, full_matrix, pin_glibc_malloc, set_cpu_threads
 
 DEVICE = bench_device()
 if DEVICE.type == "cpu":
     set_cpu_threads()
+MALLOC = pin_glibc_malloc()
 # CPU timings on a shared machine depend on what else runs; the report states the load.
 LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -47,6 +50,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "full_matrix": full_matrix(),
         "command": " ".join(["pytest"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "cpu_count": os.cpu_count(),
+        "malloc": MALLOC,
     }
     if LOAD_AT_START is not None:
         info["loadavg_start"] = [round(v, 2) for v in LOAD_AT_START]

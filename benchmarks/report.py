@@ -94,6 +94,7 @@ def _environment(data: dict) -> dict:
         "full_matrix": mb.get("full_matrix", False),
         "cpu_count": mb.get("cpu_count"),
         "load": (mb.get("loadavg_start"), mb.get("loadavg_end")),
+        "malloc": mb.get("malloc"),
     }
 
 
@@ -243,6 +244,7 @@ def render(rows: list[Row], env: dict, stat: str, title: str, command: Optional[
         f"- Date: {env.get('date', '?')} (UTC)",
         f"- Command: `{command or env.get('command', '?')}`",
         *_load_line(env),
+        *([f"- Host allocator: {env['malloc']}"] if env.get("malloc") and env.get("device_type") != "cuda" else []),
         f"- Times are the {stat} over rounds; speed-ups are time ratios of that {stat} "
         f"(`x dense` = dense time / this time). Only measured numbers appear here.",
         "",
