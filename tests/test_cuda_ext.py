@@ -8,6 +8,7 @@ Three layers, each running where it can:
       against RoutingPlan, a three-way check with triton, and CUDA-graph capture/replay.
 """
 import importlib
+import os
 
 import pytest
 import torch
@@ -154,6 +155,19 @@ def test_ops_reject_cpu_tensors_clearly():
 
 
 # ---- (c) GPU ------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("MOEBERT_REQUIRE_GPU") != "1",
+                    reason="MOEBERT_REQUIRE_GPU=1 is not set (scripts/gpu_check.sh sets it on a GPU machine)")
+def test_gpu_machine_has_every_backend():
+    """On a GPU machine a missing piece must fail the run, not turn every GPU test into a skip."""
+    assert torch.cuda.is_available(), "MOEBERT_REQUIRE_GPU=1 but torch sees no CUDA device"
+    assert _HAS_EXT, _NO_EXT_WHY
+    dev = torch.device("cuda")
+    missing = {f"{op}/{b}": why for op in ("moe_ffn", "distill_loss") for b in ("triton", "cuda")
+               for ok, why in [dispatch.backend_status(op, b, dev)] if not ok}
+    assert not missing, missing
+
+
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
