@@ -4,6 +4,7 @@ from .hf import SUPPORTED_MODEL_TYPES, MoEBertSettings, aux_loss, expert_neuron_
 from .modules import (BalancedHashRouter, HashRouter, MoEFeedForward, SentenceGate, TokenGate)
 from .ops import BackendUnavailableError, RoutingPlan, moe_ffn, select_backend
 from .ops import DistillOutput, distill_loss, distill_loss_reference
+from .ops import expert_layer_norm, expert_layer_norm_reference
 from .modules import DistillationLoss
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "aux_loss",
     "distill_loss",
     "distill_loss_reference",
+    "expert_layer_norm",
+    "expert_layer_norm_reference",
     "expert_neuron_ids",
     "from_pretrained",
     "moe_ffn",

@@ -9,7 +9,7 @@ def report() -> str:
     lines = [f"moebert-kernels {__version__}, torch {torch.__version__}, CUDA build: {torch.version.cuda}, "
              f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for op in ("moe_ffn", "distill_loss"):
+    for op in ("moe_ffn", "expert_layer_norm", "distill_loss"):
         for dev in devices:
             lines.append(f"{op} on {dev}: default backend {select_backend(op, dev)!r}")
             for b in BACKENDS:

@@ -10,8 +10,8 @@
 #   build      pip install --no-build-isolation --no-deps -e . with MOEBERT_BUILD_CUDA=1
 #              (TORCH_CUDA_ARCH_LIST=9.0 by default: one arch halves the nvcc time), then
 #              checks that moebert_kernels._C loads
-#   gpu-tests  tests/test_triton_moe_ffn.py, test_cuda_ext.py, test_distill_loss.py
-#   sanitize   compute-sanitizer --tool memcheck on scripts/sanitize_case.py (T=37, both kernels)
+#   gpu-tests  tests/test_triton_moe_ffn.py, test_cuda_ext.py, test_distill_loss.py, test_expert_layer_norm.py
+#   sanitize   compute-sanitizer --tool memcheck on scripts/sanitize_case.py (T=37, every kernel)
 #   bench-*    pytest benchmarks/<file> --benchmark-json=OUTDIR/bench_<name>.json (rounds capped)
 #   report     benchmarks/report.py -> OUTDIR/BENCHMARKS.md (+ moe_ffn_gpu.png)
 #   demo       moebert demo --device cuda, only if carry/minilm exists (scripts/pack_demo_model.py)
@@ -112,16 +112,16 @@ print(report())
 raise SystemExit(0 if ext is not None else 1)
 EOF"
 
-GPU_TESTS="tests/test_triton_moe_ffn.py tests/test_cuda_ext.py tests/test_distill_loss.py"
+GPU_TESTS="tests/test_triton_moe_ffn.py tests/test_cuda_ext.py tests/test_distill_loss.py tests/test_expert_layer_norm.py"
 GPU_TESTS_PRESENT=$(for f in $GPU_TESTS; do [ -f "$f" ] && printf '%s ' "$f"; done)
 IGNORES=$(for f in $GPU_TESTS_PRESENT; do printf -- '--ignore=%s ' "$f"; done)
 run_stage gpu-tests 170 "$PY -m pytest $GPU_TESTS_PRESENT -q -rs -p no:cacheprovider --junitxml=$OUT/gpu-tests.xml"
 run_stage sanitize 100 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 $PY scripts/sanitize_case.py"
 
 JSONS=""
-for f in moe_ffn end_to_end distill_loss; do
+for f in moe_ffn end_to_end distill_loss expert_layer_norm; do
   [ -f "benchmarks/test_bench_$f.py" ] || continue
-  cap=75; [ "$f" = moe_ffn ] && cap=200
+  cap=75; [ "$f" = moe_ffn ] && cap=200; [ "$f" = expert_layer_norm ] && cap=40
   run_stage "bench-$f" $cap "$PY -m pytest benchmarks/test_bench_$f.py $BENCH_ARGS --benchmark-json=$OUT/bench_$f.json"
   JSONS="$JSONS $OUT/bench_$f.json"
 done

@@ -10,6 +10,8 @@ out-of-bounds access instead of landing in a neighbour inside a pooled block).
   expert, gate on and off, fp32 and bf16, forward + backward, checked against the float64 reference.
 - distill_loss, backends cuda and triton: 13 hidden states [2, 7, 768], 3 classes, with labels,
   forward + backward.
+- expert_layer_norm, backends cuda and triton: T=37, d=100, bf16 FFN output with an fp32 residual,
+  forward + backward.
 
 Prints one line per case (OK / SKIP reason / FAIL) and exits 1 if any case failed.
 """
@@ -83,6 +85,33 @@ def distill_case(backend: str, dtype: torch.dtype, device: str = "cuda") -> str:
     return f"loss {value:.4f}"
 
 
+def layer_norm_case(backend: str, device: str = "cuda") -> str:
+    """T=37 rows of d=100 (not a multiple of a warp), bf16 FFN output + fp32 residual and affine, E=3."""
+    from moebert_kernels.ops.expert_layer_norm import expert_layer_norm, expert_layer_norm_reference
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(2)
+    T, d, E = 37, 100, 3
+    x = torch.randn(T, d, generator=g).to(dev, torch.bfloat16).requires_grad_(True)
+    r = torch.randn(T, d, generator=g).to(dev).requires_grad_(True)
+    w = (1 + torch.randn(E, d, generator=g) * 0.1).to(dev).requires_grad_(True)
+    b = (torch.randn(E, d, generator=g) * 0.1).to(dev).requires_grad_(True)
+    ids = torch.randint(0, E, (T,), generator=g).to(dev)
+    y = expert_layer_norm(x, ids, w, b, 1e-5, residual=r, backend=backend)
+    y.backward(torch.randn(T, d, generator=g).to(dev))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    ref = expert_layer_norm_reference(x.detach().double(), ids, w.detach().double(), b.detach().double(), 1e-5,
+                                      residual=r.detach().double())
+    err = _rel(y, ref)
+    if not err < 1e-5:
+        raise AssertionError(f"forward relative error {err:.2e} > 1e-5")
+    bad = [n for n, t in zip(("x", "residual", "weight", "bias"), (x, r, w, b)) if not torch.isfinite(t.grad).all()]
+    if bad:
+        raise AssertionError(f"non-finite gradients: {bad}")
+    return f"rel err {err:.1e}"
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("SKIP all: no CUDA device")
@@ -100,6 +129,8 @@ def main() -> int:
                               lambda b=backend, dt=dtype, gt=gated: moe_case(b, dt, gt)))
         cases.append((f"distill_loss {backend} bfloat16", "distill_loss", backend,
                       lambda b=backend: distill_case(b, torch.bfloat16)))
+        cases.append((f"expert_layer_norm {backend} bf16+fp32", "expert_layer_norm", backend,
+                      lambda b=backend: layer_norm_case(b)))
     for name, op, backend, fn in cases:
         ok, why = backend_status(op, backend, torch.device("cuda"))
         if not ok:

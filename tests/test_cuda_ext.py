@@ -19,7 +19,8 @@ from moebert_kernels.ops.dispatch import BackendUnavailableError, select_backend
 from moebert_kernels.ops.moe_ffn import moe_ffn, moe_ffn_reference
 from moebert_kernels.ops.routing import RoutingPlan
 
-MOEBERT_C_OPS = ("routing_plan", "moe_ffn_forward", "moe_ffn_backward")
+MOEBERT_C_OPS = ("routing_plan", "moe_ffn_forward", "moe_ffn_backward", "expert_layer_norm_forward",
+                 "expert_layer_norm_backward", "distill_hidden_forward", "distill_logits_forward")
 
 
 def _ext_importable():
@@ -132,6 +133,20 @@ def test_every_op_is_registered():
         assert schema.startswith(f"moebert_C::{name}("), schema
     # Outputs are declared as mutated, so torch.compile / functionalization sees the writes.
     assert "Tensor(a!) out" in str(torch.ops.moebert_C.moe_ffn_forward.default._schema)
+    assert "Tensor(a!) y" in str(torch.ops.moebert_C.expert_layer_norm_forward.default._schema)
+
+
+@requires_ext
+def test_expert_layer_norm_rejects_cpu_tensors_clearly():
+    T, d, E = 4, 8, 2
+    x, w = torch.randn(T, d), torch.randn(E, d)
+    ids = torch.zeros(T, dtype=torch.long)
+    stats = torch.empty(T)
+    with pytest.raises(RuntimeError, match="expert_layer_norm_forward needs CUDA tensors"):
+        torch.ops.moebert_C.expert_layer_norm_forward(x, None, ids, w, w, 1e-5, torch.empty(T, d), stats, stats)
+    with pytest.raises(RuntimeError, match="expert_layer_norm_backward needs CUDA tensors"):
+        torch.ops.moebert_C.expert_layer_norm_backward(x, x, None, ids, w, stats, stats, torch.empty(T, d),
+                                                       torch.empty(0), torch.empty(0), 32)
 
 
 @requires_ext

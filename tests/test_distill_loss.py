@@ -7,6 +7,7 @@ import torch
 import moebert_kernels
 from moebert_kernels import DistillationLoss, DistillOutput, distill_loss, distill_loss_reference
 from moebert_kernels.ops.dispatch import backend_status
+import _aot
 from _oplog import OpLog
 
 HAS_GPU = torch.cuda.is_available()
@@ -363,20 +364,7 @@ def test_prediction_only_no_hidden_states(backend):
 # Covers the int64 -> typed-pointer casts of the address tables, the loop-carried online-softmax
 # scalars and every constexpr branch, with the JIT's specializations (ints equal to 1 are constexpr).
 _AOT_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from moebert_kernels.triton import distill_loss as D
-
-def build(kernel, types, consts, num_warps, arch):
-    sig, attrs = {}, {}
-    for i, n in enumerate(kernel.arg_names):
-        sig[n] = "constexpr" if n in consts else types[n]
-        if sig[n].startswith("*"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=3))
 
 n = 0
 for arch in (90, 80):
@@ -404,22 +392,8 @@ print(n, "compiled ok")
 """
 
 
-def _have_ptxas():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU the real JIT compiles these kernels in the other tests")
-@pytest.mark.skipif(not _have_ptxas(), reason="triton (with its NVIDIA backend and ptxas) is not installed")
+@pytest.mark.skipif(not _aot.have_ptxas(), reason="triton (with its NVIDIA backend and ptxas) is not installed")
 def test_triton_kernels_compile_for_sm80_and_sm90():
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence Triton 3.9's default-change warning
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    res = _aot.run(_AOT_SCRIPT)
     assert res.returncode == 0 and res.stdout.strip().endswith("compiled ok"), res.stderr[-4000:]

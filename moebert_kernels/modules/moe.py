@@ -1,17 +1,18 @@
 """MoEFeedForward: MoEBERT's expert FFN, out = LayerNorm_e(x + dropout(fc2_e(act(fc1_e(x))))).
 
 Every expert owns fc1, fc2 (with its own b2) and its own LayerNorm, as in the
-paper's code. The GEMMs go through ``ops.moe_ffn``; the module never picks a backend.
+paper's code. The GEMMs go through ``ops.moe_ffn`` and the residual add + expert LayerNorm through
+``ops.expert_layer_norm``; the module never picks a backend.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import moe_ffn
+from ..ops.expert_layer_norm import expert_layer_norm
 from ..ops.moe_ffn import ACTIVATIONS
 from ..ops.routing import RoutingPlan
 from .routers import HashRouter, RoutingContext, SentenceGate, TokenGate
@@ -151,13 +152,14 @@ class MoEFeedForward(nn.Module):
         return RoutingPlan.from_expert_ids(out.expert_ids, self.num_experts, validate=False), out.probs, out.aux_loss
 
     # -- compute ---------------------------------------------------------------------
-    def expert_layer_norm(self, z: Tensor, plan: RoutingPlan) -> Tensor:
-        """Per-expert LayerNorm of ``z [..., d]``: each token uses its expert's affine."""
-        shape = z.shape
-        z = z.reshape(-1, self.hidden_size)
-        n = F.layer_norm(z, (self.hidden_size,), eps=self.layer_norm_eps)
-        ids = plan.expert_ids
-        out = n * self.ln_weight[ids].to(n.dtype) + self.ln_bias[ids].to(n.dtype)
+    def expert_layer_norm(self, x: Tensor, plan: RoutingPlan, residual: Optional[Tensor] = None) -> Tensor:
+        """Per-expert ``LayerNorm(x + residual)`` of ``[..., d]``: each token uses its expert's affine (fused op)."""
+        shape = x.shape
+        d = self.hidden_size
+        if residual is not None and residual.shape != shape:
+            raise ValueError(f"residual {tuple(residual.shape)} and FFN output {tuple(shape)} differ in shape")
+        out = expert_layer_norm(x.reshape(-1, d), plan.expert_ids, self.ln_weight, self.ln_bias, self.layer_norm_eps,
+                                residual=None if residual is None else residual.reshape(-1, d), backend=self.backend)
         return out.reshape(shape)
 
     def forward(self, hidden_states: Tensor, input_tensor: Optional[Tensor] = None, *,
@@ -184,7 +186,7 @@ class MoEFeedForward(nn.Module):
             self._last_plan = plan
             return y
         residual = hidden_states if input_tensor is None else input_tensor
-        return self.expert_layer_norm(residual + y, plan)
+        return self.expert_layer_norm(y, plan, residual)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, num_experts={self.num_experts}, "

@@ -8,6 +8,7 @@ from .dispatch import (
 )
 from .moe_ffn import ACTIVATIONS, moe_ffn, moe_ffn_reference
 from .distill_loss import DistillOutput, distill_loss, distill_loss_reference
+from .expert_layer_norm import expert_layer_norm, expert_layer_norm_reference
 from .routing import RoutingPlan, plans_from_expert_ids
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "backend_status",
     "distill_loss",
     "distill_loss_reference",
+    "expert_layer_norm",
+    "expert_layer_norm_reference",
     "moe_ffn",
     "moe_ffn_reference",
     "plans_from_expert_ids",
