@@ -76,9 +76,9 @@ def moe_ffn_reference(
 #
 # Works in expert order. On CPU with several threads the E per-expert GEMMs become one
 # padded ``baddbmm`` each: every parallel region costs an OpenMP fork/join, and at small T
-# those joins cost more than the padding (BENCHMARKS.md, T=128, 2 threads: the loop runs at
-# 2.55x the dense FFN, padded at 2.95x; 1 thread: loop 2.77x, padded 2.69x). One thread or
-# skewed routing keeps the per-expert loop.
+# those joins cost more than the padding (BENCHMARKS.md, T=128: with 2 threads padded beats the
+# loop in every run, with 1 thread the loop ties or wins). One thread or skewed routing keeps
+# the per-expert loop.
 
 SAVES_HIDDEN = True
 
