@@ -136,7 +136,9 @@ int dtype_code(const at::Tensor& t, const char* op, const char* what) {
 Args make_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                const at::Tensor& expert_ids, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.is_cuda(), "moebert_C::", op, " needs CUDA tensors; x is on ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "moebert_C::", op, ": x must be [T, d] with contiguous rows");
+  // The kernels never read the column stride, so d == 1 may have any (PyTorch still calls that contiguous).
+  auto rows_ok = [](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
+  TORCH_CHECK(x.dim() == 2 && rows_ok(x), "moebert_C::", op, ": x must be [T, d] with contiguous rows");
   const int64_t T = x.size(0), d = x.size(1);
   const bool has_r = residual.has_value() && residual->defined();
   auto same_dev = [&](const at::Tensor& t, const char* what) {
@@ -145,7 +147,7 @@ Args make_args(const char* op, const at::Tensor& x, const std::optional<at::Tens
   };
   if (has_r) {
     same_dev(*residual, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1, "moebert_C::", op,
+    TORCH_CHECK(residual->sizes() == x.sizes() && rows_ok(*residual), "moebert_C::", op,
                 ": residual must be [T, d] like x, with contiguous rows");
   }
   same_dev(expert_ids, "expert_ids");
@@ -206,8 +208,9 @@ void expert_layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                 int64_t rows_per_warp) {
   static const char* op = "expert_layer_norm_backward";
   Args a = make_args(op, x, residual, expert_ids, weight, std::nullopt);
-  TORCH_CHECK(grad_y.device() == x.device() && grad_y.sizes() == x.sizes() && grad_y.stride(1) == 1, "moebert_C::",
-              op, ": grad_y must be [T, d] like x, with contiguous rows");
+  TORCH_CHECK(grad_y.device() == x.device() && grad_y.sizes() == x.sizes() &&
+                  (grad_y.numel() == 0 || grad_y.size(1) <= 1 || grad_y.stride(1) == 1),
+              "moebert_C::", op, ": grad_y must be [T, d] like x, with contiguous rows");
   check_stats(op, mean, a.T, "mean");
   check_stats(op, rstd, a.T, "rstd");
   TORCH_CHECK(rows_per_warp >= 1, "moebert_C::", op, ": rows_per_warp must be >= 1");

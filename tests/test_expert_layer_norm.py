@@ -84,10 +84,12 @@ CASES = [(37, 48, 4, "random"), (1, 24, 4, "random"), (40, 33, 3, "empty_expert"
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_backend_matches_reference_forward_and_grads(backend, case, residual, dtype):
-    if backend == "torch" and dtype != torch.float32 and DEVICE == "cpu":
+    if backend == "torch" and dtype in (torch.float16, torch.bfloat16) and DEVICE == "cpu":
         pytest.skip("half precision on CPU: covered by the fp32 and fp64 torch-backend cases")
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda backend takes fp32/fp16/bf16; test_cuda_backend_rejects_fp64 checks the error")
     T, d, E, routing = case
     x, r, ids, w, b = make(T, d, E, dtype, residual, routing)
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, r, w, b)]
@@ -108,6 +110,42 @@ def test_backend_matches_reference_forward_and_grads(backend, case, residual, dt
         assert _rel(a.grad, e.grad) < 4 * TOL[dtype], (name, _rel(a.grad, e.grad))
     if routing == "empty_expert":
         assert leaves[2].grad[E - 1].abs().max() == 0 and leaves[3].grad[E - 1].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_zero_tokens_with_an_expanded_grad(backend):
+    """T=0: y.sum().backward() hands the op an expanded empty gradient with zero strides."""
+    x, r, ids, w, b = make(0, 16, 3)
+    leaves = [t.detach().requires_grad_() for t in (x, r, w, b)]
+    y = expert_layer_norm(leaves[0], ids, leaves[2], leaves[3], residual=leaves[1], backend=backend)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert leaves[0].grad.shape == (0, 16) and leaves[1].grad.shape == (0, 16)
+    assert leaves[2].grad.abs().sum() == 0 and leaves[3].grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_d1_with_a_transposed_layout(backend):
+    """[T, 1] views with column stride T (PyTorch calls them contiguous): y is the bias, dx is 0."""
+    T, E = 7, 2
+    x = torch.randn(1, T).t().to(DEVICE).requires_grad_()
+    r = torch.randn(1, T).t().to(DEVICE)
+    ids = torch.randint(0, E, (T,)).to(DEVICE)
+    w, b = torch.randn(E, 1).to(DEVICE), torch.randn(E, 1).to(DEVICE)
+    y = expert_layer_norm(x, ids, w, b, 1e-5, residual=r, backend=backend)
+    assert torch.allclose(y, b[ids])
+    y.backward(torch.randn_like(y))
+    assert x.grad.abs().max() == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device; none is present")
+def test_cuda_backend_rejects_fp64():
+    ok, why = backend_status("expert_layer_norm", "cuda", torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    x, r, ids, w, b = make(4, 8, 2, torch.float64)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        expert_layer_norm(x, ids, w, b, residual=r, backend="cuda")
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -208,17 +246,20 @@ for arch in (90, 80):
     for xd, rd, wd, yd, has_r, block in (("bf16", "fp32", "fp32", "fp32", True, 1024),
                                          ("fp16", "fp16", "fp16", "fp16", True, 1024),
                                          ("fp32", "fp32", "fp32", "fp32", False, 128),
-                                         ("bf16", "bf16", "bf16", "bf16", True, 4096)):
+                                         ("bf16", "bf16", "bf16", "bf16", True, 4096),
+                                         ("fp64", "fp64", "fp64", "fp64", True, 1024)):
         nw = K._num_warps(block)
+        acc = K.tl.float64 if xd == "fp64" else K.tl.float32
+        st = "*fp64" if xd == "fp64" else "*fp32"
         build(K._eln_fwd_kernel, dict(x_ptr="*" + xd, r_ptr="*" + rd, ids_ptr="*i64", w_ptr="*" + wd, b_ptr="*" + wd,
-              y_ptr="*" + yd, mean_ptr="*fp32", rstd_ptr="*fp32", d="i32", eps="fp32", stride_x="i32",
-              stride_r="i32", stride_y="i32"), dict(HAS_RESIDUAL=has_r, BLOCK_D=block), nw, arch)
+              y_ptr="*" + yd, mean_ptr=st, rstd_ptr=st, d="i32", eps="fp32", stride_x="i32",
+              stride_r="i32", stride_y="i32"), dict(HAS_RESIDUAL=has_r, ACC=acc, BLOCK_D=block), nw, arch)
         for need in ((True, True, True), (True, False, False), (False, True, True)):
             build(K._eln_bwd_kernel, dict(dy_ptr="*" + yd, x_ptr="*" + xd, r_ptr="*" + rd, ids_ptr="*i64",
-                  w_ptr="*" + wd, mean_ptr="*fp32", rstd_ptr="*fp32", dz_ptr="*fp32", pw_ptr="*fp32",
-                  pb_ptr="*fp32", T="i32", d="i32", E="i32", stride_dy="i32", stride_x="i32", stride_r="i32"),
-                  dict(HAS_RESIDUAL=has_r, NEED_DZ=need[0], NEED_DW=need[1], NEED_DB=need[2], ROWS=K.ROWS,
-                       BLOCK_D=block), nw, arch)
+                  w_ptr="*" + wd, mean_ptr=st, rstd_ptr=st, dz_ptr=st, pw_ptr=st,
+                  pb_ptr=st, T="i32", d="i32", E="i32", stride_dy="i32", stride_x="i32", stride_r="i32"),
+                  dict(HAS_RESIDUAL=has_r, NEED_DZ=need[0], NEED_DW=need[1], NEED_DB=need[2], ACC=acc,
+                       ROWS=K.ROWS, BLOCK_D=block), nw, arch)
             n += 1
         n += 1
 print(n, "compiled ok")

@@ -44,6 +44,8 @@ def expert_layer_norm_forward(x, residual, expert_ids, weight, bias, eps):
     T, d = x.shape
     y = _new_output((T, d), x, out_dtype(x, residual))
     mean, rstd = _new_output((T,), x, torch.float32), _new_output((T,), x, torch.float32)
+    if T == 0:  # nothing to launch; an empty input may carry any strides
+        return y, mean, rstd
     _ops().expert_layer_norm_forward(x, residual, expert_ids.long().contiguous(), weight.contiguous(),
                                      bias.contiguous(), float(eps), y, mean, rstd)
     return y, mean, rstd
@@ -53,7 +55,11 @@ def expert_layer_norm_backward(grad_y, x, residual, expert_ids, weight, mean, rs
     x, residual, grad_y = _rows(x), _rows(residual), _rows(grad_y)
     T, d = x.shape
     E = weight.shape[0]
-    P = max(-(-T // ROWS_PER_WARP), 1)
+    if T == 0:  # an empty grad_y (e.g. from y.sum()) may be an expanded view with zero strides
+        zeros = lambda: torch.zeros(E, d, dtype=torch.float32, device=x.device)  # noqa: E731
+        return (x.new_empty(0, d, dtype=torch.float32) if needs[0] else None, zeros() if needs[1] else None,
+                zeros() if needs[2] else None)
+    P = -(-T // ROWS_PER_WARP)
     empty = lambda: x.new_empty(0, dtype=torch.float32)  # noqa: E731 - "not asked for"
     dz = _new_output((T, d), x, torch.float32) if needs[0] else empty()
     pw = torch.zeros(P, E, d, dtype=torch.float32, device=x.device) if needs[1] else empty()
