@@ -11,7 +11,11 @@ from ..ops.expert_layer_norm import out_dtype
 
 __all__ = ["expert_layer_norm_forward", "expert_layer_norm_backward"]
 
-ROWS_PER_WARP = 32  # the weight/bias partial tables are [T/32, E, d] fp32
+def rows_per_warp(T: int) -> int:
+    """Rows each backward warp owns. Fewer rows mean more warps in flight (T=4096: 512 warps, about one wave
+    of 4-warp CTAs on an H100) but a larger [ceil(T/rows), E, d] fp32 partial table to zero and sum; at 8 rows
+    that table is E/8 of the activations, at 32 rows E/32."""
+    return 8 if T < 32768 else 32
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -59,11 +63,12 @@ def expert_layer_norm_backward(grad_y, x, residual, expert_ids, weight, mean, rs
         zeros = lambda: torch.zeros(E, d, dtype=torch.float32, device=x.device)  # noqa: E731
         return (x.new_empty(0, d, dtype=torch.float32) if needs[0] else None, zeros() if needs[1] else None,
                 zeros() if needs[2] else None)
-    P = -(-T // ROWS_PER_WARP)
+    rows = rows_per_warp(T)
+    P = -(-T // rows)
     empty = lambda: x.new_empty(0, dtype=torch.float32)  # noqa: E731 - "not asked for"
     dz = _new_output((T, d), x, torch.float32) if needs[0] else empty()
     pw = torch.zeros(P, E, d, dtype=torch.float32, device=x.device) if needs[1] else empty()
     pb = torch.zeros(P, E, d, dtype=torch.float32, device=x.device) if needs[2] else empty()
     _ops().expert_layer_norm_backward(grad_y, x, residual, expert_ids.long().contiguous(), weight.contiguous(),
-                                      mean, rstd, dz, pw, pb, ROWS_PER_WARP)
+                                      mean, rstd, dz, pw, pb, rows)
     return (dz if needs[0] else None, pw.sum(0) if needs[1] else None, pb.sum(0) if needs[2] else None)
