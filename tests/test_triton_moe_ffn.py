@@ -7,8 +7,6 @@ NaN-filled first, so a row or tile a kernel forgets to write shows up as an erro
 """
 import os
 import re
-import subprocess
-import sys
 import tokenize
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import _aot  # noqa: E402
 from moebert_kernels import ops  # noqa: E402
 from moebert_kernels.ops import RoutingPlan, moe_ffn_reference  # noqa: E402
 
@@ -404,21 +403,10 @@ print(n + 3, "compiled ok")
 """
 
 
-def _have_ptxas():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real JIT compiles these kernels in the other tests")
-@pytest.mark.skipif(not _have_ptxas(), reason="triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.skipif(not _aot.have_ptxas(), reason="triton's NVIDIA backend (ptxas) is not installed")
 def test_kernels_compile_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence Triton 3.9's default-change warning
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = _aot.run(_AOT_SCRIPT, timeout=600)  # the script defines its own build() (shared-memory checks)
     assert res.returncode == 0 and res.stdout.strip().endswith("compiled ok"), res.stderr[-4000:]
 
 
