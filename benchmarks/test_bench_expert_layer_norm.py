@@ -72,7 +72,7 @@ def test_expert_layer_norm(bench, mode, T, impl):
     nbytes = T * D * (x.element_size() + 4 + 4)  # x, residual and y (fp32) once
     if train:
         nbytes *= 2  # the backward reads x, r and dy and writes dx, dr: the same again, at least
-    info = dict(impl=impl, T=T, d=D, E=E, dtype=str(DTYPE), mode=mode, useful_bytes=nbytes)
+    info = dict(impl=impl, T=T, d=D, E=E, dtype=str(DTYPE).replace("torch.", ""), mode=mode, useful_bytes=nbytes)
     bench.run(fn, warmup=3, **info)
     med = bench.benchmark.stats.stats.median if bench.benchmark.stats is not None else None
     if med:
