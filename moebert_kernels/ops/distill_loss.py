@@ -219,13 +219,15 @@ def distill_loss_forward(student_hidden, teacher_hidden, student_logits, teacher
                 if g is not None:
                     grad_hidden.append(g)
                 continue
-            d = hs.to(acc) - ht.to(acc)
+            # Masked or half precision: one fp32 temporary, updated in place (no square / product copies).
+            d = torch.sub(hs.to(acc), ht.to(acc))
             if mask is not None:
-                d = d * mask.to(acc).view(*d.shape[:2], 1)
+                d.mul_(mask.to(acc).view(*d.shape[:2], 1))
                 c = c * inv_count.to(acc)
-            sq_sums.append(d.square().sum())
+            flat = d.reshape(-1)
+            sq_sums.append(torch.dot(flat, flat))
             if compute_grad:
-                grad_hidden.append((c * d).to(hs.dtype))
+                grad_hidden.append(d.mul_(c).to(hs.dtype))
         per_layer = hidden_stats(torch.stack(sq_sums), student_hidden, attention_mask, inv_count)
     labels_2d, ce_norm, pred_norm, kind = logits_plan(student_logits, labels, pred_loss)
     rows_ce, rows_pred, grad_logits = [], [], []
