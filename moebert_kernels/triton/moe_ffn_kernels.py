@@ -17,14 +17,21 @@ ACT_RELU = 2
 
 
 @triton.jit
-def _expert_tile(offsets_ptr, tile, E, BLOCK, E_POW2: tl.constexpr):
-    """(expert, first row, end row of that expert) of ``tile``; expert >= E means no work."""
+def _expert_blocks(offsets_ptr, E, BLOCK, E_POW2: tl.constexpr):
+    """Per expert lane (padded to E_POW2): first row, end row, its number of BLOCK-row blocks and the
+    running end of those block counts. Lanes past E are empty."""
     ar = tl.arange(0, E_POW2)
     e_mask = ar < E
     lo = tl.load(offsets_ptr + ar, mask=e_mask, other=0)
     hi = tl.load(offsets_ptr + ar + 1, mask=e_mask, other=0)
-    ntiles = (hi - lo + BLOCK - 1) // BLOCK
-    ends = tl.cumsum(ntiles, 0)
+    nblocks = (hi - lo + BLOCK - 1) // BLOCK
+    return ar, lo, hi, nblocks, tl.cumsum(nblocks, 0)
+
+
+@triton.jit
+def _expert_tile(offsets_ptr, tile, E, BLOCK, E_POW2: tl.constexpr):
+    """(expert, first row, end row of that expert) of ``tile``; expert >= E means no work."""
+    ar, lo, hi, ntiles, ends = _expert_blocks(offsets_ptr, E, BLOCK, E_POW2)
     # Lanes past E hold ends == total, so they only count once the tile is out of range.
     e = tl.sum((ends <= tile).to(tl.int32), 0)
     sel = ar == e
@@ -377,12 +384,7 @@ def _moe_ffn_dw_kernel(
 @triton.jit
 def _chunk_range(offsets_ptr, e, E, CHUNK, E_POW2: tl.constexpr):
     """[first, end) chunk ids of expert e when every expert is cut into CHUNK-row chunks (int64)."""
-    ar = tl.arange(0, E_POW2)
-    e_mask = ar < E
-    lo = tl.load(offsets_ptr + ar, mask=e_mask, other=0)
-    hi = tl.load(offsets_ptr + ar + 1, mask=e_mask, other=0)
-    nchunks = (hi - lo + CHUNK - 1) // CHUNK
-    ends = tl.cumsum(nchunks, 0)
+    ar, _, _, nchunks, ends = _expert_blocks(offsets_ptr, E, CHUNK, E_POW2)
     sel = ar == e
     end = tl.sum(tl.where(sel, ends, 0), 0)
     return end - tl.sum(tl.where(sel, nchunks, 0), 0), end
