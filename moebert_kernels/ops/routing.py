@@ -98,8 +98,8 @@ def plans_from_expert_ids(expert_ids: torch.Tensor, num_experts: int, validate: 
     # scatter_add instead of bincount: bincount's output size depends on the data.
     counts = torch.zeros(L, num_experts, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(1, ids, torch.ones_like(ids))
-    offsets = torch.zeros(L, num_experts + 1, dtype=torch.int64, device=ids.device)
-    torch.cumsum(counts, dim=1, out=offsets[:, 1:])
+    # No out= into a strided view: with L > 1 it is non-contiguous, which torch.compile and export reject.
+    offsets = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
     inverse = torch.empty_like(order)
     inverse.scatter_(1, order, torch.arange(T, device=ids.device).expand(L, T))
     return [RoutingPlan(ids[i], order[i], counts[i], offsets[i], inverse[i], num_experts) for i in range(L)]
