@@ -75,3 +75,22 @@ def test_backend_report_lists_every_backend_with_reasons():
     for op in ("moe_ffn", "distill_loss"):
         assert f"{op} on cpu: default backend 'torch'" in text
     assert "cuda   unavailable: the cuda backend needs CUDA tensors" in text
+
+
+def test_a_backend_lacking_a_needed_feature_is_skipped_or_refused():
+    from moebert_kernels.ops import dispatch
+
+    dispatch.register_impl("feature_probe_op", "torch", "moebert_kernels.ops.moe_ffn", features=("a",))
+    try:
+        assert select_backend("feature_probe_op", "cpu", needs=("a",)) == "torch"
+        ok, why = backend_status("feature_probe_op", "torch", torch.device("cpu"), needs=("a", "b"))
+        assert not ok and "does not implement b" in why
+        with pytest.raises(BackendUnavailableError, match="does not implement b"):
+            select_backend("feature_probe_op", "cpu", needs=("b",))
+        with pytest.raises(BackendUnavailableError, match="does not implement b"):
+            select_backend("feature_probe_op", "cpu", backend="torch", needs=("b",))
+        dispatch.add_features("feature_probe_op", "torch", ("b",))
+        assert select_backend("feature_probe_op", "cpu", needs=("a", "b")) == "torch"
+    finally:
+        dispatch._IMPLS.pop(("feature_probe_op", "torch"))
+        dispatch._FEATURES.pop(("feature_probe_op", "torch"))
