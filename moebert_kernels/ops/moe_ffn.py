@@ -4,6 +4,14 @@ Layout (the ``torch.nn.Linear`` convention, stacked over experts):
     x  [T, d]       w1 [E, h, d]    b1 [E, h]
     y  [T, d_out]   w2 [E, d_out, h] b2 [E, d_out]    gate [T] or None
 
+Tied shared expert (optional, feature ``"shared"``): ``shared_w1 [s, d]``, ``shared_b1 [s]``,
+``shared_w2 [d_out, s]`` run on every token,
+y_t = g_t * (W2s act(W1s x_t + b1s) + W2[e_t] act(W1[e_t] x_t + b1[e_t]) + b2[e_t]).
+The shared part is a dense GEMM pair over all T rows (torch matmul, i.e. MKL/oneDNN or cuBLAS,
+for every backend); a backend that declares ``"shared"`` takes its product in token order
+(``shared_out``) and adds it in the epilogue of its routed down projection, and in the
+backward adds the shared part's dx (``shared_dx``) where it scatters its own dx.
+
 Dataflow: ``moe_ffn`` validates, picks a backend once (``dispatch.select_backend``)
 and calls ``torch.ops.moebert.moe_ffn_fwd``; autograd calls
 ``torch.ops.moebert.moe_ffn_bwd``. Both ops forward to the chosen backend's
@@ -22,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import get_impl, register_impl, select_backend
+from .dispatch import add_features, get_impl, register_impl, select_backend
 from .routing import RoutingPlan
 
 __all__ = ["moe_ffn", "moe_ffn_reference", "ACTIVATIONS", "check_moe_ffn_inputs"]
@@ -31,6 +39,9 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 register_impl("moe_ffn", "torch", __name__)
 register_impl("moe_ffn", "triton", "moebert_kernels.triton.moe_ffn")
 register_impl("moe_ffn", "cuda", "moebert_kernels.cuda.moe_ffn")
+# The CUDA C++ kernels have no shared-expert epilogue yet: dispatch falls back from them.
+add_features("moe_ffn", "torch", ("shared",))
+add_features("moe_ffn", "triton", ("shared",))
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -53,6 +64,9 @@ def moe_ffn_reference(
     b2: Tensor,
     gate: Optional[Tensor] = None,
     activation: str = "gelu",
+    shared_w1: Optional[Tensor] = None,
+    shared_b1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
 ) -> Tensor:
     """Plain-PyTorch oracle, differentiable. Reads the offsets on the host (one sync on CUDA)."""
     T, E, d_out = x.shape[0], w1.shape[0], w2.shape[1]
@@ -67,6 +81,8 @@ def moe_ffn_reference(
         pieces.append(torch.addmm(b2[e], activate(h, activation), w2[e].t()))
     y_sorted = torch.cat(pieces) if pieces else x.new_empty(0, d_out)
     y = torch.index_copy(x.new_zeros(T, d_out), 0, sorted_token_ids, y_sorted)
+    if shared_w1 is not None:
+        y = y + activate(x @ shared_w1.t() + shared_b1, activation) @ shared_w2.t()
     if gate is not None:
         y = y * gate.to(y.dtype).unsqueeze(-1)
     return y
@@ -113,7 +129,9 @@ class _Segments:
         return p.reshape(self.E * self.cap, *p.shape[2:]).index_select(0, self.dest)
 
 
-def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden):
+def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden,
+                    shared_out=None):
+    """``shared_out [T, d_out]`` (token order, or None): the shared expert's product, added before the gate."""
     T, E, h, d_out = x.shape[0], w1.shape[0], w1.shape[1], w2.shape[1]
     seg = _Segments(x, expert_offsets, E)
     if seg.padded:
@@ -122,17 +140,24 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
         hp = torch.baddbmm(b1.unsqueeze(1), xp, w1.transpose(1, 2))
         yp = torch.baddbmm(b2.unsqueeze(1), activate(hp, activation), w2.transpose(1, 2))
         out = yp.view(E * seg.cap, d_out).index_select(0, pos)
+        if shared_out is not None:
+            out.add_(shared_out)
         if gate is not None:
             out.mul_(gate.to(out.dtype).unsqueeze(-1))
         return out, (seg.unpad(hp) if save_hidden else x.new_empty(0))
     xs = x.index_select(0, sorted_token_ids)
-    ys, hs = x.new_empty(T, d_out), (x.new_empty(T, h) if save_hidden else None)
+    hs = x.new_empty(T, h) if save_hidden else None
+    # With a shared expert its product, gathered to expert order, is the accumulator the GEMMs add to.
+    ys = x.new_empty(T, d_out) if shared_out is None else shared_out.index_select(0, sorted_token_ids)
     for e in range(E):
         lo, hi = seg.bounds[e], seg.bounds[e + 1]
         if lo == hi:
             continue
         he = torch.addmm(b1[e], xs[lo:hi], w1[e].t())
-        torch.addmm(b2[e], activate(he, activation), w2[e].t(), out=ys[lo:hi])
+        if shared_out is None:
+            torch.addmm(b2[e], activate(he, activation), w2[e].t(), out=ys[lo:hi])
+        else:
+            ys[lo:hi].addmm_(activate(he, activation), w2[e].t()).add_(b2[e])
         if hs is not None:
             hs[lo:hi] = he
     if gate is not None:
@@ -170,7 +195,8 @@ def _expert_backward(xs, hs, go, gs, w1, b1, w2, b2, activation, bmm: bool):
 
 
 def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
-                     needs_grad):
+                     needs_grad, shared_dx=None):
+    """``shared_dx [T, d]`` (token order, or None): the shared expert's dx, added to the routed one."""
     # Analytic: custom-op bodies run below autograd, so autograd.grad cannot be used here.
     T, E = x.shape[0], w1.shape[0]
     seg = _Segments(x, expert_offsets, E)
@@ -196,12 +222,49 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
             dxs[lo:hi], dw1[e], db1[e], dw2[e], db2[e] = r[:5]
             if dgs is not None:
                 dgs[lo:hi] = r[5]
-    dx = torch.index_copy(torch.zeros_like(x), 0, sorted_token_ids, dxs)
+    if shared_dx is None:
+        dx = torch.index_copy(torch.zeros_like(x), 0, sorted_token_ids, dxs)
+    else:
+        dx = shared_dx.index_add_(0, sorted_token_ids, dxs)
     if gate is None:
         dgate = x.new_empty(0)
     else:
         dgate = torch.index_copy(x.new_zeros(T), 0, sorted_token_ids, dgs).to(gate.dtype)
     return dx, dw1, db1, dw2, db2, dgate
+
+
+# ---- the shared expert: dense over every token, the same for every backend ---------------
+
+def _shared_forward(x, w1s, b1s, w2s, activation):
+    """(pre-activation [T, s], product W2s act(W1s x + b1s) [T, d_out]), token order."""
+    hs = torch.addmm(b1s, x, w1s.t())
+    return hs, torch.mm(activate(hs, activation), w2s.t())
+
+
+def _shared_backward(go, x, gate, w1s, b1s, w2s, hs, activation, needs):
+    """(dx, dW1s, db1s, dW2s, dgate) of the shared FFN for ``needs`` = (x, w1s, b1s, w2s, gate); unneeded ones None.
+
+    The gate scales the shared product: dgate = rowsum(G * W2s a) = rowsum((G W2s) * a), so the product
+    itself need not be kept.
+    """
+    n_x, n_w1, n_b1, n_w2, n_g = needs
+    if hs is None:
+        hs = torch.addmm(b1s, x, w1s.t())
+    a = activate(hs, activation)
+    g = None if gate is None else gate.to(x.dtype).unsqueeze(-1)
+    dx = dw1 = db1 = dw2 = dgate = None
+    if n_w2:
+        dw2 = torch.mm(go.t(), a if g is None else a * g)
+    if n_x or n_w1 or n_b1 or n_g:
+        p = torch.mm(go, w2s)
+        if n_g:
+            dgate = (p * a).sum(-1)
+        if n_x or n_w1 or n_b1:
+            dh = activation_backward(p if g is None else p * g, hs, activation)
+            dx = torch.mm(dh, w1s) if n_x else None
+            dw1 = torch.mm(dh.t(), x) if n_w1 else None
+            db1 = dh.sum(0) if n_b1 else None
+    return dx, dw1, db1, dw2, dgate
 
 
 # ---- torch.library registration ---------------------------------------------------------
@@ -219,18 +282,29 @@ def _moe_ffn_fwd(
     activation: str,
     backend: str,
     save_hidden: bool,
-) -> tuple[Tensor, Tensor]:
-    return get_impl("moe_ffn", backend).moe_ffn_forward(
-        x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden
-    )
+    shared_w1: Optional[Tensor] = None,
+    shared_b1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, routed pre-activation or empty, shared pre-activation [T, s] token order or empty)."""
+    impl = get_impl("moe_ffn", backend)
+    args = (x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden)
+    if shared_w1 is None:
+        return (*impl.moe_ffn_forward(*args), x.new_empty(0))
+    hs, shared_out = _shared_forward(x, shared_w1, shared_b1, shared_w2, activation)
+    out, hidden = impl.moe_ffn_forward(*args, shared_out=shared_out)
+    return out, hidden, (hs if save_hidden else x.new_empty(0))
 
 
 @_moe_ffn_fwd.register_fake
-def _(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, backend, save_hidden):
+def _(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, backend, save_hidden, shared_w1=None,
+      shared_b1=None, shared_w2=None):
     out = x.new_empty(x.shape[0], w2.shape[1])
     saves = save_hidden and getattr(get_impl("moe_ffn", backend), "SAVES_HIDDEN", False)
     hidden = x.new_empty(x.shape[0], w1.shape[1]) if saves else x.new_empty(0)
-    return out, hidden
+    shared_saved = save_hidden and shared_w1 is not None
+    shared_hidden = x.new_empty(x.shape[0], shared_w1.shape[0]) if shared_saved else x.new_empty(0)
+    return out, hidden, shared_hidden
 
 
 @torch.library.custom_op("moebert::moe_ffn_bwd", mutates_args=())
@@ -248,13 +322,33 @@ def _moe_ffn_bwd(
     activation: str,
     backend: str,
     needs_grad: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = get_impl("moe_ffn", backend).moe_ffn_backward(
-        grad_out.contiguous(), x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
-        list(needs_grad),
-    )
+    shared_w1: Optional[Tensor] = None,
+    shared_b1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_hidden: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw1, db1, dw2, db2, dgate, dshared_w1, dshared_b1, dshared_w2); the last three empty without a
+    shared expert. ``needs_grad``: 6 flags, 9 with a shared expert."""
+    needs = list(needs_grad)
+    grad_out = grad_out.contiguous()
+    impl = get_impl("moe_ffn", backend)
+    args = (grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation, needs[:6])
+    if shared_w1 is None:
+        grads = (*impl.moe_ffn_backward(*args), *(x.new_empty(0) for _ in range(3)))
+    else:
+        if len(needs) != 9:
+            raise ValueError(f"needs_grad must hold 9 flags with a shared expert, got {len(needs)}")
+        saved = shared_hidden if shared_hidden is not None and shared_hidden.numel() else None
+        sdx, sdw1, sdb1, sdw2, sdgate = _shared_backward(
+            grad_out.to(x.dtype), x, gate, shared_w1, shared_b1, shared_w2, saved, activation,
+            (needs[0], needs[6], needs[7], needs[8], needs[5] and gate is not None))
+        dx, dw1, db1, dw2, db2, dgate = impl.moe_ffn_backward(*args, shared_dx=sdx)
+        if sdgate is not None:
+            dgate = (dgate.to(sdgate.dtype) + sdgate).to(gate.dtype)
+        grads = (dx, dw1, db1, dw2, db2, dgate, *(x.new_empty(0) if g is None else g for g in (sdw1, sdb1, sdw2)))
     # custom_op outputs may not alias inputs; a backend may hand back e.g. a zero grad view.
-    return tuple(g.clone() if _aliases(g, (grad_out, x, w1, b1, w2, b2, gate, hidden)) else g for g in grads)
+    inputs = (grad_out, x, w1, b1, w2, b2, gate, hidden, shared_w1, shared_b1, shared_w2, shared_hidden)
+    return tuple(g.clone() if _aliases(g, inputs) else g for g in grads)
 
 
 def _aliases(t: Tensor, others) -> bool:
@@ -263,39 +357,54 @@ def _aliases(t: Tensor, others) -> bool:
 
 
 @_moe_ffn_bwd.register_fake
-def _(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation, backend, needs_grad):
+def _(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation, backend, needs_grad,
+      shared_w1=None, shared_b1=None, shared_w2=None, shared_hidden=None):
     dgate = torch.empty_like(gate) if gate is not None else x.new_empty(0)
+    if shared_w1 is None:
+        shared = tuple(x.new_empty(0) for _ in range(3))
+    else:
+        shared = tuple(torch.empty_like(t) if need else x.new_empty(0)
+                       for t, need in zip((shared_w1, shared_b1, shared_w2), list(needs_grad)[6:9]))
     return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
-            torch.empty_like(b2), dgate)
+            torch.empty_like(b2), dgate, *shared)
 
 
 def _setup_context(ctx, inputs, output):
-    x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, backend, _ = inputs
+    x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, backend, _ = inputs[:11]
+    shared = tuple(inputs[11:14]) if len(inputs) > 11 else (None, None, None)
     ctx.activation, ctx.backend = activation, backend
-    # The saved pre-activation is an output only to be kept; without this autograd would zero-fill a [T, h]
-    # grad for it in every backward.
+    ctx.num_inputs = len(inputs)
+    # The saved pre-activations are outputs only to be kept; without this autograd would zero-fill [T, h] and
+    # [T, s] grads for them in every backward.
     ctx.set_materialize_grads(False)
     ctx.has_gate = gate is not None
+    ctx.has_shared = shared[0] is not None
     saved = [x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, output[1]]
+    if ctx.has_shared:
+        saved += [*shared, output[2]]
     if gate is not None:
         saved.append(gate)
     ctx.save_for_backward(*saved)
 
 
-def _backward(ctx, grad_out, _grad_hidden):
+def _backward(ctx, grad_out, _grad_hidden, _grad_shared_hidden):
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, hidden, *rest = ctx.saved_tensors
-    gate = rest[0] if ctx.has_gate else None
+    shared = rest[:4] if ctx.has_shared else ()
+    gate = rest[-1] if ctx.has_gate else None
     if grad_out is None:  # the output took no part in the loss
-        return (None,) * 11
+        return (None,) * ctx.num_inputs
     nd = ctx.needs_input_grad
     needs = [nd[0], nd[3], nd[4], nd[5], nd[6], nd[7] and ctx.has_gate]
-    dx, dw1, db1, dw2, db2, dgate = torch.ops.moebert.moe_ffn_bwd(
+    if ctx.has_shared:
+        needs += [nd[11], nd[12], nd[13]]
+    dx, dw1, db1, dw2, db2, dgate, dw1s, db1s, dw2s = torch.ops.moebert.moe_ffn_bwd(
         grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, ctx.activation, ctx.backend,
-        needs,
+        needs, *shared,
     )
-    pick = lambda need, g: g if need else None  # noqa: E731
-    return (pick(needs[0], dx), None, None, pick(needs[1], dw1), pick(needs[2], db1), pick(needs[3], dw2),
-            pick(needs[4], db2), pick(needs[5], dgate), None, None, None)
+    pick = lambda i, g: g if i < len(needs) and needs[i] else None  # noqa: E731
+    grads = (pick(0, dx), None, None, pick(1, dw1), pick(2, db1), pick(3, dw2), pick(4, db2), pick(5, dgate),
+             None, None, None, pick(6, dw1s), pick(7, db1s), pick(8, dw2s))
+    return grads[:ctx.num_inputs]
 
 
 _moe_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -303,11 +412,18 @@ _moe_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public entry point -----------------------------------------------------------------
 
-def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu") -> None:
+def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu", shared_w1=None, shared_b1=None,
+                         shared_w2=None) -> None:
     """Raise TypeError/ValueError naming the first problem; touches nothing."""
     named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
     if gate is not None:
         named["gate"] = gate
+    shared = {"shared_w1": shared_w1, "shared_b1": shared_b1, "shared_w2": shared_w2}
+    given = [k for k, v in shared.items() if v is not None]
+    if given and len(given) != 3:
+        raise ValueError(f"a shared expert needs shared_w1, shared_b1 and shared_w2 together; got only {given}")
+    if given:
+        named.update(shared)
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -331,6 +447,14 @@ def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu") 
         raise ValueError(f"b1 must be [E, h] = {(E, h)}, got {tuple(b1.shape)}")
     if tuple(b2.shape) != (E, w2.shape[1]):
         raise ValueError(f"b2 must be [E, d_out] = {(E, w2.shape[1])}, got {tuple(b2.shape)}")
+    if shared_w1 is not None:
+        if shared_w1.dim() != 2 or shared_w1.shape[1] != d:
+            raise ValueError(f"shared_w1 must be [s, d={d}], got {tuple(shared_w1.shape)}")
+        s = shared_w1.shape[0]
+        if tuple(shared_b1.shape) != (s,):
+            raise ValueError(f"shared_b1 must be [s] = ({s},), got {tuple(shared_b1.shape)}")
+        if tuple(shared_w2.shape) != (w2.shape[1], s):
+            raise ValueError(f"shared_w2 must be [d_out, s] = {(w2.shape[1], s)}, got {tuple(shared_w2.shape)}")
     if plan.num_experts != E:
         raise ValueError(f"plan routes to {plan.num_experts} experts but the weights hold {E}")
     if plan.num_tokens != T:
@@ -356,14 +480,20 @@ def moe_ffn(
     gate: Optional[Tensor] = None,
     activation: str = "gelu",
     backend: Optional[str] = None,
+    shared_w1: Optional[Tensor] = None,
+    shared_b1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
 ) -> Tensor:
-    """Top-1 routed expert FFN on ``[T, d]`` tokens; see the module docstring for layout."""
-    check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate, activation)
-    name = select_backend("moe_ffn", x.device, backend)
+    """Top-1 routed expert FFN on ``[T, d]`` tokens, plus a tied shared expert when ``shared_*`` are given;
+    see the module docstring for layout."""
+    check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate, activation, shared_w1, shared_b1, shared_w2)
+    needs = ("shared",) if shared_w1 is not None else ()
+    name = select_backend("moe_ffn", x.device, backend, needs=needs)
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, gate)
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, gate, shared_w1, shared_b1, shared_w2)
     )
-    out, _ = torch.ops.moebert.moe_ffn_fwd(
-        x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, gate, activation, name, save
+    out, _, _ = torch.ops.moebert.moe_ffn_fwd(
+        x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, gate, activation, name, save,
+        shared_w1, shared_b1, shared_w2,
     )
     return out

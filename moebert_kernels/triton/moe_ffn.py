@@ -215,16 +215,17 @@ def _launch_up(x, w1, b1, tok, offsets, act, hidden, activation, cfg, common):
     )
 
 
-def _launch_down(a, w, stride_w, bias, gate, tok, offsets, out, cfg, common):
-    """out[tok[r]] = a[r] @ B_e (+ bias[e]) (* gate[tok[r]]), B_e[k, n] = w[e] at strides (k, n)."""
+def _launch_down(a, w, stride_w, bias, gate, tok, offsets, out, cfg, common, add=None):
+    """out[tok[r]] = (a[r] @ B_e (+ bias[e]) (+ add[tok[r]])) (* gate[tok[r]]), B_e[k, n] = w[e] at strides (k, n)."""
     T, K = a.shape
     N = out.shape[1]
     E = w.shape[0]
     grid = ((triton.cdiv(T, cfg.block_m) + E) * triton.cdiv(N, cfg.block_n),)
     _moe_ffn_down_kernel[grid](
         a, w, bias if bias is not None else a, gate if gate is not None else a, tok, offsets, out,
+        add if add is not None else out,
         E, N, K, a.stride(0), w.stride(0), stride_w[0], stride_w[1],
-        HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
+        HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_ADD=add is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
@@ -270,6 +271,14 @@ def _launch_dw(left, right, gate, tok, offsets, l_gather, r_gather, want_w, want
     )
 
 
+def _addend(t: Optional[Tensor], out: Tensor) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if t.shape != out.shape:
+        raise ValueError(f"the shared expert's addend must be {tuple(out.shape)}, got {tuple(t.shape)}")
+    return t.to(out.dtype).contiguous()
+
+
 def _contiguous_inputs(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation):
     """Check the activation and make every operand contiguous (no copy when it already is).
 
@@ -282,8 +291,10 @@ def _contiguous_inputs(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate
     return (*(t.contiguous() for t in tensors), gate.contiguous() if gate is not None else None)
 
 
-def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden):
-    """Backend contract: ``(out [T, d_out], hidden [T, h] expert order or empty)``."""
+def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden,
+                    shared_out=None):
+    """Backend contract: ``(out [T, d_out], hidden [T, h] expert order or empty)``; ``shared_out`` [T, d_out]
+    (token order) is added in the down kernel's epilogue, before the gate."""
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
         x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation)
     T, d = x.shape
@@ -299,13 +310,15 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     _launch_up(x, w1, b1, sorted_token_ids, expert_offsets, act, hidden if save_hidden else None, activation, cfg,
                common)
     # B[k, n] = w2[e, n, k]: w2 read transposed through its strides.
-    _launch_down(act, w2, (w2.stride(2), w2.stride(1)), b2, gate, sorted_token_ids, expert_offsets, out, cfg, common)
+    _launch_down(act, w2, (w2.stride(2), w2.stride(1)), b2, gate, sorted_token_ids, expert_offsets, out, cfg, common,
+                 add=_addend(shared_out, out))
     return out, hidden
 
 
 def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
-                     needs_grad):
-    """Backend contract: ``(dx, dw1, db1, dw2, db2, dgate)``, all full-shaped; unneeded ones are left unwritten."""
+                     needs_grad, shared_dx=None):
+    """Backend contract: ``(dx, dw1, db1, dw2, db2, dgate)``, all full-shaped; unneeded ones are left unwritten.
+    ``shared_dx`` [T, d] (token order) is added to dx in the dX kernel's epilogue."""
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
         x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation)
     T, d = x.shape
@@ -357,7 +370,8 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
             dgate.copy_(dgate_part.sum(0))  # fixed-order sum over the h tiles: deterministic
     if n_x:
         # dX[tok] = dH W1[e]: B[k, n] = w1[e, k, n], read as stored.
-        _launch_down(dh, w1, (w1.stride(1), w1.stride(2)), None, None, tok, offsets, dx, cfg, common)
+        _launch_down(dh, w1, (w1.stride(1), w1.stride(2)), None, None, tok, offsets, dx, cfg, common,
+                     add=_addend(shared_dx, dx))
     if n_w1 or n_b1 or n_w2 or n_b2:
         dcfg = get_config("dw", T, d, h, E, dt)
         if n_w1 or n_b1:

@@ -187,6 +187,7 @@ def _moe_ffn_down_kernel(
     tok_ptr,  # [T] int64 sorted_token_ids
     offsets_ptr,  # [E+1] int64 expert_offsets
     OUT_ptr,  # [T, N] token order
+    ADD_ptr,  # [T, N] token order, added before the gate when HAS_ADD (the shared expert's product / dx)
     E,
     N,
     K,
@@ -196,6 +197,7 @@ def _moe_ffn_down_kernel(
     stride_wn,
     HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -206,7 +208,8 @@ def _moe_ffn_down_kernel(
 ):
     """GEMM2 / dX: expert-ordered rows times the expert weight, scattered to token order.
 
-    Top-1 routing writes every token row exactly once, so the scatter is a plain store.
+    Top-1 routing writes every token row exactly once, so the scatter is a plain store, and a
+    token-order addend (HAS_ADD) is read in the same epilogue: no extra pass over [T, N].
     """
     e, tile_m, pid_n, offs_r, row_mask, offs_n, n_mask = _gemm_program(offsets_ptr, N, E, BLOCK_M, BLOCK_N, E_POW2)
     if e >= E:
@@ -218,11 +221,14 @@ def _moe_ffn_down_kernel(
     if HAS_BIAS:
         bias = tl.load(B_ptr + e * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += bias[None, :]
+    out_off = tok[:, None] * N + offs_n[None, :]
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    if HAS_ADD:
+        acc += tl.load(ADD_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         g = tl.load(gate_ptr + tok, mask=row_mask, other=0.0).to(tl.float32)
         acc *= g[:, None]
-    tl.store(OUT_ptr + tok[:, None] * N + offs_n[None, :], acc.to(OUT_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(OUT_ptr + out_off, acc.to(OUT_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
