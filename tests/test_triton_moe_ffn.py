@@ -338,9 +338,8 @@ def variants(kind, dtype, cfg, everything):
         more = [
             ("bwd_hidden", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=1, HAS_GATE=True, STORE_DH=True,
              STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, **blk), True),
-            ("down_fwd", K._moe_ffn_down_kernel, dict(HAS_BIAS=True, HAS_GATE=True, HAS_ADD=False, stride_wk=1, EVEN_K=True,
-             **blk),
-             True),
+            ("down_fwd", K._moe_ffn_down_kernel, dict(HAS_BIAS=True, HAS_GATE=True, HAS_ADD=False, stride_wk=1,
+             EVEN_K=True, **blk), True),
             ("down_dx_oddK", K._moe_ffn_down_kernel, dict(HAS_BIAS=False, HAS_GATE=False, HAS_ADD=True, stride_wn=1,
              EVEN_K=False,
              **blk), False),
