@@ -53,7 +53,7 @@ def from_pretrained(path: str, model_class: Optional[type] = None, device: Optio
             raise ValueError(f"cannot tell the model class of {path} (architectures={arch!r}); pass model_class=")
     model = model_class(config)
     patch(model, settings.num_experts, settings.expert_size, settings.shared, router=settings.router,
-          seed=settings.seed, backend=backend, _from_checkpoint=True)
+          seed=settings.seed, backend=backend, _from_checkpoint=True, tie_shared=settings.tie_shared)
     state = load_safetensors_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)

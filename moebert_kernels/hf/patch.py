@@ -46,6 +46,7 @@ class MoEBertSettings:
     router: str = "hash"
     seed: int = 0
     activation: str = "gelu"
+    tie_shared: bool = False
 
 
 def expert_neuron_ids(importance: Optional[Tensor], d_ff: int, num_experts: int, expert_size: int,
@@ -124,7 +125,7 @@ def _make_router(kind: str, config, d: int, E: int, seed: int, token_counts: Opt
 def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared: int = 512,
           importance: Optional[Tensor] = None, router: str = "hash", seed: int = 0,
           token_counts: Optional[Tensor] = None, backend: Optional[str] = None,
-          _from_checkpoint: bool = False) -> nn.Module:
+          _from_checkpoint: bool = False, tie_shared: bool = False) -> nn.Module:
     """Replace every layer's FFN of a HF BERT/RoBERTa/DistilBERT model with ``MoEFeedForward``.
 
     Args:
@@ -137,6 +138,9 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
         seed: layer l's hash table is drawn with ``seed + l``.
         token_counts: ``[vocab_size]`` token frequencies for ``"balanced_hash"``.
         backend: force a backend for every MoE layer (default: the dispatch decides).
+        tie_shared: store the ``shared`` neurons once, as a shared FFN every token runs, instead of a
+            copy in every expert; each expert keeps its ``expert_size - shared`` own neurons. Right after
+            conversion the outputs are those of the copied layout; ``shared=0`` is the same either way.
 
     Returns the same model, patched. ``model.config.moebert`` records the settings.
     """
@@ -146,6 +150,8 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
         raise ValueError("model is already patched with MoEFeedForward layers")
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {list(ROUTERS)}, got {router!r}")
+    if not isinstance(tie_shared, bool):
+        raise TypeError(f"tie_shared must be a bool, got {type(tie_shared).__name__}")
     if router == "balanced_hash" and token_counts is not None:
         if tuple(torch.as_tensor(token_counts).shape) != (config.vocab_size,):
             raise ValueError(f"token_counts must be [vocab_size] = ({config.vocab_size},), "
@@ -170,12 +176,13 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
                                     shared) for i in range(len(layers))]
 
     # Everything is checked: from here on the model changes.
+    tied = shared if tie_shared else 0
     context = RoutingContext()
     for i, (layer, (w1, b1, w2, b2, lnw, lnb, eps, p)) in enumerate(zip(layers, dense)):
         r = _make_router(router, config, d, num_experts, seed + i, token_counts)
-        moe = MoEFeedForward(d, expert_size, num_experts, router=r.to(w1.device), activation=activation, dropout=p,
-                             layer_norm_eps=eps, layer_idx=i, fuse_norm=family.style == "bert", backend=backend,
-                             device=w1.device, dtype=w1.dtype)
+        moe = MoEFeedForward(d, expert_size - tied, num_experts, router=r.to(w1.device), activation=activation,
+                             dropout=p, layer_norm_eps=eps, layer_idx=i, fuse_norm=family.style == "bert",
+                             backend=backend, device=w1.device, dtype=w1.dtype, shared_size=tied)
         moe.load_dense(w1.detach(), b1.detach(), w2.detach(), b2.detach(), lnw.detach(), lnb.detach(), neuron_ids[i])
         moe.train(layer.training)  # new modules start in train mode; keep the model's mode
         moe._context = context
@@ -196,7 +203,7 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
 
     model._moebert_hook = base.register_forward_pre_hook(_begin, with_kwargs=True)
     model._moebert_context = context
-    config.moebert = asdict(MoEBertSettings(num_experts, expert_size, shared, router, seed, activation))
+    config.moebert = asdict(MoEBertSettings(num_experts, expert_size, shared, router, seed, activation, tie_shared))
     return model
 
 

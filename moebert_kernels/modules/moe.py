@@ -1,7 +1,9 @@
 """MoEFeedForward: MoEBERT's expert FFN, out = LayerNorm_e(x + dropout(fc2_e(act(fc1_e(x))))).
 
 Every expert owns fc1, fc2 (with its own b2) and its own LayerNorm, as in the
-paper's code. The GEMMs go through ``ops.moe_ffn`` and the residual add + expert LayerNorm through
+paper's code. With ``shared_size > 0`` the shared neurons are stored once, as a shared FFN
+every token runs (``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``), and each expert's
+fc1/fc2 hold only its own neurons. The GEMMs go through ``ops.moe_ffn`` and the residual add + expert LayerNorm through
 ``ops.expert_layer_norm``; the module never picks a backend.
 """
 from __future__ import annotations
@@ -35,9 +37,12 @@ class MoEFeedForward(nn.Module):
         fuse_norm: False returns ``dropout(ffn(x))`` and leaves the residual LayerNorm to
             a ``DeferredExpertLayerNorm`` (DistilBERT applies it outside its FFN).
         backend: force a backend for this module; None lets the dispatch decide.
+        shared_size: s, the width of a shared FFN tied across experts (0: none). A token then
+            uses s + h neurons.
 
     Parameters are stacked over experts: ``w1 [E, h, d]``, ``b1 [E, h]``,
-    ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``.
+    ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``; with a shared FFN also
+    ``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``.
     After each forward, ``aux_loss`` holds the gate's load-balancing loss (None for hash routers).
     """
 
@@ -55,11 +60,14 @@ class MoEFeedForward(nn.Module):
         backend: Optional[str] = None,
         device=None,
         dtype=None,
+        shared_size: int = 0,
     ):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("expert_size", expert_size), ("num_experts", num_experts)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(shared_size, bool) or not isinstance(shared_size, int) or shared_size < 0:
+            raise ValueError(f"shared_size must be a non-negative int, got {shared_size!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         E, h, d = num_experts, expert_size, hidden_size
@@ -73,6 +81,13 @@ class MoEFeedForward(nn.Module):
         self.b2 = nn.Parameter(torch.empty(E, d, **kw))
         self.ln_weight = nn.Parameter(torch.ones(E, d, **kw))
         self.ln_bias = nn.Parameter(torch.zeros(E, d, **kw))
+        self.shared_size = shared_size
+        if shared_size:
+            self.shared_w1 = nn.Parameter(torch.empty(shared_size, d, **kw))
+            self.shared_b1 = nn.Parameter(torch.empty(shared_size, **kw))
+            self.shared_w2 = nn.Parameter(torch.empty(d, shared_size, **kw))
+        else:
+            self.shared_w1 = self.shared_b1 = self.shared_w2 = None
         self.dropout = nn.Dropout(dropout)
         self.router = router
         self.aux_loss: Optional[Tensor] = None
@@ -81,10 +96,15 @@ class MoEFeedForward(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
-            bound = w.shape[-1] ** -0.5
+        fan_in2 = self.expert_size + self.shared_size  # fc2 sums over the shared and the own neurons
+        for w, b, fan_in in ((self.w1, self.b1, self.hidden_size), (self.w2, self.b2, fan_in2)):
+            bound = fan_in ** -0.5
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
+        if self.shared_size:
+            for w, fan_in in ((self.shared_w1, self.hidden_size), (self.shared_w2, fan_in2)):
+                nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)
+            nn.init.uniform_(self.shared_b1, -self.hidden_size ** -0.5, self.hidden_size ** -0.5)
         nn.init.ones_(self.ln_weight)
         nn.init.zeros_(self.ln_bias)
 
@@ -93,17 +113,25 @@ class MoEFeedForward(nn.Module):
                    neuron_ids: Tensor) -> "MoEFeedForward":
         """Copy slices of a dense FFN (``w1 [d_ff, d]``, ``w2 [d, d_ff]``) into the experts.
 
-        ``neuron_ids [E, h]`` says which dense neurons each expert keeps; b2 and the
-        LayerNorm are copied to every expert.
+        ``neuron_ids [E, s + h]`` says which dense neurons each expert uses; with a shared FFN its
+        first s columns (the same in every row) go to the shared FFN, the rest to the experts.
+        b2 and the LayerNorm are copied to every expert.
         """
-        E, h = self.num_experts, self.expert_size
-        if tuple(neuron_ids.shape) != (E, h):
-            raise ValueError(f"neuron_ids must be [E, h] = {(E, h)}, got {tuple(neuron_ids.shape)}")
+        E, h, s = self.num_experts, self.expert_size, self.shared_size
+        if tuple(neuron_ids.shape) != (E, s + h):
+            raise ValueError(f"neuron_ids must be [E, s + h] = {(E, s + h)}, got {tuple(neuron_ids.shape)}")
+        if s and not bool((neuron_ids[:, :s] == neuron_ids[:1, :s]).all()):
+            raise ValueError(f"the first shared_size={s} neuron ids must be the same for every expert")
         d_ff = w1.shape[0]
         if tuple(w1.shape) != (d_ff, self.hidden_size) or tuple(w2.shape) != (self.hidden_size, d_ff):
             raise ValueError(f"dense weights must be w1 [d_ff, d] and w2 [d, d_ff] with d={self.hidden_size}; "
                              f"got {tuple(w1.shape)} and {tuple(w2.shape)}")
         idx = neuron_ids.to(w1.device)
+        if s:
+            self.shared_w1.copy_(w1[idx[0, :s]])
+            self.shared_b1.copy_(b1[idx[0, :s]])
+            self.shared_w2.copy_(w2[:, idx[0, :s]])
+            idx = idx[:, s:]
         self.w1.copy_(w1[idx])
         self.b1.copy_(b1[idx])
         self.w2.copy_(w2[:, idx].permute(1, 0, 2))
@@ -172,15 +200,17 @@ class MoEFeedForward(nn.Module):
         plan, gate, self.aux_loss = self.route(hidden_states, plan, input_ids, attention_mask)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        weights = (self.w1, self.b1, self.w2, self.b2)
+        shared = (self.shared_w1, self.shared_b1, self.shared_w2) if self.shared_size else (None, None, None)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
-                y = moe_ffn(x, plan, w1, b1, w2, b2, gate, self.activation, self.backend)
+                x, *weights = (t.to(dt) for t in (x, *weights))
+                shared = tuple(t if t is None else t.to(dt) for t in shared)
+                y = moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
         else:
-            y = moe_ffn(x, plan, w1, b1, w2, b2, gate, self.activation, self.backend)
+            y = moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
         y = self.dropout(y).reshape(shape)
         if not self.fuse_norm:
             self._last_plan = plan
@@ -190,7 +220,7 @@ class MoEFeedForward(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, num_experts={self.num_experts}, "
-                f"activation={self.activation!r}, layer_idx={self.layer_idx}")
+                f"shared_size={self.shared_size}, activation={self.activation!r}, layer_idx={self.layer_idx}")
 
 
 class DeferredExpertLayerNorm(nn.Module):
