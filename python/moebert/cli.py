@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-size", type=int, help="neurons per expert (default: d_ff/4, 768 for BERT-base)")
     p.add_argument("--shared", type=int, help="neurons shared by all experts (default: 2/3 of --expert-size)")
     p.add_argument("--router", default="hash", help="hash (paper default), balanced_hash, token_gate, sentence_gate")
+    p.add_argument("--tie-shared", action="store_true",
+                   help="store the shared neurons once, as a shared FFN every token runs (half the FFN weights at "
+                        "BERT-base sizes), instead of a copy in every expert (the paper's code)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data for balanced_hash token counts")
     g.add_argument("--data")

@@ -186,13 +186,13 @@ def training_arguments(output_dir: str, *, learning_rate: float, batch_size: int
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(total, active per token): a token runs one expert of each MoE layer."""
+    """(total, active per token): a token runs one expert of each MoE layer, and its shared FFN if tied."""
     import moebert_kernels as mk
 
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for layer in mk.moe_layers(model):
         E = layer.num_experts
-        expert = sum(p.numel() for n, p in layer.named_parameters(recurse=False))
+        expert = sum(p.numel() for n, p in layer.named_parameters(recurse=False) if not n.startswith("shared_"))
         inactive += expert - expert // E
     return total, total - inactive

@@ -5,13 +5,13 @@ __all__ = ["convert", "run"]
 
 
 def convert(model, importance=None, num_experts: int = 4, expert_size: int = 768, shared: int = 512,
-            router: str = "hash", seed: int = 0, token_counts=None):
+            router: str = "hash", seed: int = 0, token_counts=None, tie_shared: bool = False):
     """Patch ``model`` in place (see ``moebert_kernels.patch``); ``importance`` is ``[L, d_ff]``."""
     import moebert_kernels as mk
 
     return mk.patch(model, num_experts=num_experts, expert_size=expert_size, shared=shared,
                     importance=importance, router=router, seed=seed,
-                    token_counts=token_counts)
+                    token_counts=token_counts, tie_shared=tie_shared)
 
 
 def _token_counts(tokenizer, task, rows, vocab_size):
@@ -52,9 +52,11 @@ def run(args) -> int:
         rows = load_rows(task, "train", args.data, args.text_column, args.label_column, args.split_column,
                          args.max_rows, require_labels=False)
         token_counts = _token_counts(tokenizer, task, rows, model.config.vocab_size)
-    convert(model, importance, args.num_experts, expert_size, shared, args.router, args.seed, token_counts)
+    tie = getattr(args, "tie_shared", False)
+    convert(model, importance, args.num_experts, expert_size, shared, args.router, args.seed, token_counts, tie)
     model.save_pretrained(args.output)
     load_tokenizer(args.model).save_pretrained(args.output)
-    print(f"MoEBERT student ({args.num_experts} experts x {expert_size} neurons, {shared} shared, "
+    layout = "stored once as a shared FFN" if tie else "copied into every expert"
+    print(f"MoEBERT student ({args.num_experts} experts x {expert_size} neurons, {shared} shared ({layout}), "
           f"{args.router} routing) saved to {args.output}")
     return 0

@@ -10,7 +10,9 @@ Steps: finetune the teacher on 6000 train rows -> importance on 512 other train 
 convert (4 experts of 384 neurons, 256 shared) -> distill on the teacher's 6000 train rows
 (so both models see the same labels) -> accuracy of both on the 1000-row test split,
 parameter counts, and the inference speed-up of the student over the teacher measured in
-this run, with the two models timed in alternation on the same batches.
+this run, with the models timed in alternation on the same batches.
+``--tie-shared`` stores the student's shared neurons once (a shared FFN); ``--compare-tied`` converts
+and distils both layouts from the same teacher and importance and reports them side by side.
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--expert-size", type=int, help="default: d_ff/4 (384 for MiniLM)")
     p.add_argument("--shared", type=int, help="default: 2/3 of the expert size (256 for MiniLM)")
+    p.add_argument("--tie-shared", action="store_true",
+                   help="the student stores its shared neurons once, as a shared FFN (default: a copy per expert)")
+    p.add_argument("--compare-tied", action="store_true",
+                   help="distil both layouts (copied and tied shared neurons) and report them side by side")
     p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
     p.add_argument("--speed-rounds", type=int, default=2, help="timing passes per model (best one counts)")
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +94,12 @@ def run(args) -> int:
     task = get_task("movie_reviews")
     workdir = args.workdir or tempfile.mkdtemp(prefix="moebert-demo-")
     os.makedirs(workdir, exist_ok=True)
-    teacher_dir, student0_dir, student_dir = (os.path.join(workdir, n) for n in ("teacher", "student-init", "student"))
+    teacher_dir = os.path.join(workdir, "teacher")
+    layouts = (False, True) if args.compare_tied else (args.tie_shared,)
+    # name -> (tie_shared, folder before distillation, folder after)
+    students = {(("tied student" if tie else "untied student") if len(layouts) > 1 else "student"):
+                (tie, os.path.join(workdir, "student-init" + ("-tied" if tie else "")),
+                 os.path.join(workdir, "student" + ("-tied" if tie else ""))) for tie in layouts}
     imp_file = os.path.join(workdir, "importance.safetensors")
     train_rows = len(load_rows(task, "train"))
     imp_start = min(args.teacher_rows, max(0, train_rows - args.importance_rows))
@@ -111,47 +122,60 @@ def run(args) -> int:
     step("importance", importance.run, _ns(
         model=teacher_dir, output=imp_file, batch_size=args.batch_size, quiet=True, skip_rows=imp_start,
         max_rows=args.importance_rows, **common))
-    step("convert", convert.run, argparse.Namespace(
-        model=teacher_dir, task=task.name, output=student0_dir, importance=imp_file, no_importance=False,
-        num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared, router="hash",
-        seed=args.seed, data=None, text_column=None, label_column=None, split_column=None, max_rows=None))
-    step("distill student", distill.run, _ns(
-        teacher=teacher_dir, student=student0_dir, output=student_dir, max_rows=args.distill_rows,
-        learning_rate=5e-5, batch_size=args.batch_size, epochs=args.distill_epochs, precision=precision,
-        lam=args.lam, alpha_ce=1.0, pred_loss=None, temperature=1.0, mask_padding=False, aux_weight=0.01,
-        **common))
+    for name, (tie, init_dir, out_dir) in students.items():
+        suffix = "" if name == "student" else f" ({name})"
+        step("convert" + suffix, convert.run, argparse.Namespace(
+            model=teacher_dir, task=task.name, output=init_dir, importance=imp_file, no_importance=False,
+            num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared, router="hash",
+            tie_shared=tie, seed=args.seed, data=None, text_column=None, label_column=None, split_column=None,
+            max_rows=None))
+        step("distill" + suffix if suffix else "distill student", distill.run, _ns(
+            teacher=teacher_dir, student=init_dir, output=out_dir, max_rows=args.distill_rows,
+            learning_rate=5e-5, batch_size=args.batch_size, epochs=args.distill_epochs, precision=precision,
+            lam=args.lam, alpha_ce=1.0, pred_loss=None, temperature=1.0, mask_padding=False, aux_weight=0.01,
+            **common))
 
     print("\n== evaluate on the test split", flush=True)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(student_dir)
+    tokenizer = load_tokenizer(teacher_dir)
     rows = load_rows(task, "test", max_rows=args.eval_rows)
-    models = {"teacher": load_any(teacher_dir, task, device), "student": load_any(student_dir, task, device)}
-    init = load_any(student0_dir, task, device)
+    models = {"teacher": load_any(teacher_dir, task, device)}
+    models.update({name: load_any(out_dir, task, device) for name, (_, _, out_dir) in students.items()})
+    inits = {f"{name} before distillation": load_any(init_dir, task, device)
+             for name, (_, init_dir, _) in students.items()}
     feats = encode(tokenizer, task, rows, args.max_length, label_maps(task, rows.labels, models["teacher"].config))
     acc = {name: score(task, predict_logits(m, feats, tokenizer, 64, device), feats)["accuracy"]
-           for name, m in {**models, "student before distillation": init}.items()}
-    # Interleave the timing passes so both models see the same machine load.
-    speed = {"teacher": 0.0, "student": 0.0}
+           for name, m in {**models, **inits}.items()}
+    # Interleave the timing passes so all models see the same machine load.
+    speed = dict.fromkeys(models, 0.0)
     for _ in range(args.speed_rounds):
         for name, m in models.items():
             speed[name] = max(speed[name], throughput(m, feats, tokenizer, 64, device, repeats=1))
     timings["evaluate"] = time.perf_counter() - t0
-    t_tot, t_act = parameter_counts(models["teacher"])
-    s_tot, s_act = parameter_counts(models["student"])
-    backend = _backend_used(models["student"], device)
+    params = {name: parameter_counts(m) for name, m in models.items()}
+    backend = _backend_used(models[next(iter(students))], device)
     wall = time.perf_counter() - t_start
     model_name = os.path.basename(os.path.normpath(model_path)) if args.model else "all-MiniLM-L6-v2"
-    ratio = acc["student"] / acc["teacher"] if acc["teacher"] else float("nan")
-    print(f"""
-== MoEBERT demo result (movie-review sentiment, {len(rows)} test sentences, device {device})
-  teacher accuracy            {100 * acc['teacher']:.2f}%   (dense {model_name} fine-tuned on {args.teacher_rows} rows)
-  student before distillation {100 * acc['student before distillation']:.2f}%
-  student accuracy            {100 * acc['student']:.2f}%   ({100 * ratio:.1f}% of the teacher)
-  teacher parameters          {t_tot:,} total, {t_act:,} active per token
-  student parameters          {s_tot:,} total, {s_act:,} active per token ({args.num_experts} experts, moe_ffn backend {backend})
-  inference speed             teacher {speed['teacher']:.0f} ex/s, student {speed['student']:.0f} ex/s -> speed-up {speed['student'] / speed['teacher']:.2f}x
-  wall time                   {wall:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})
-  outputs in                  {workdir}""", flush=True)
+    w = max(len(n) for n in inits) + 1
+    lines = [f"  {'teacher accuracy':<{w}} {100 * acc['teacher']:.2f}%   (dense {model_name} fine-tuned on "
+             f"{args.teacher_rows} rows)"]
+    for name in students:
+        ratio = acc[name] / acc["teacher"] if acc["teacher"] else float("nan")
+        lines += [f"  {name + ' before distillation':<{w}} {100 * acc[name + ' before distillation']:.2f}%",
+                  f"  {name + ' accuracy':<{w}} {100 * acc[name]:.2f}%   ({100 * ratio:.1f}% of the teacher)"]
+    for name, (tot, act) in params.items():
+        layout = "" if name == "teacher" else (
+            f" ({args.num_experts} experts, shared neurons {'tied' if students[name][0] else 'copied'}, "
+            f"moe_ffn backend {backend})")
+        lines.append(f"  {name + ' parameters':<{w}} {tot:,} total, {act:,} active per token{layout}")
+    lines.append(f"  {'inference speed':<{w}} " + ", ".join(
+        f"{name} {speed[name]:.0f} ex/s" + ("" if name == "teacher" else
+                                             f" (speed-up {speed[name] / speed['teacher']:.2f}x)")
+        for name in models))
+    lines += [f"  {'wall time':<{w}} {wall:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})",
+              f"  {'outputs in':<{w}} {workdir}"]
+    print(f"\n== MoEBERT demo result (movie-review sentiment, {len(rows)} test sentences, device {device})\n"
+          + "\n".join(lines), flush=True)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
