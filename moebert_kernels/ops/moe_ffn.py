@@ -131,7 +131,8 @@ class _Segments:
 
 def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden,
                     shared_out=None):
-    """``shared_out [T, d_out]`` (token order, or None): the shared expert's product, added before the gate."""
+    """``shared_out [T, d_out]`` (token order, or None): the shared expert's product, added before the gate;
+    the op layer hands over a buffer of its own, which may be returned as the output."""
     T, E, h, d_out = x.shape[0], w1.shape[0], w1.shape[1], w2.shape[1]
     seg = _Segments(x, expert_offsets, E)
     if seg.padded:
@@ -145,25 +146,25 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
         if gate is not None:
             out.mul_(gate.to(out.dtype).unsqueeze(-1))
         return out, (seg.unpad(hp) if save_hidden else x.new_empty(0))
+    # Per-expert GEMMs write into expert-order buffers, so the activation is one call over all rows.
     xs = x.index_select(0, sorted_token_ids)
-    hs = x.new_empty(T, h) if save_hidden else None
-    # With a shared expert its product, gathered to expert order, is the accumulator the GEMMs add to.
-    ys = x.new_empty(T, d_out) if shared_out is None else shared_out.index_select(0, sorted_token_ids)
+    hs, ys = x.new_empty(T, h), x.new_empty(T, d_out)
     for e in range(E):
         lo, hi = seg.bounds[e], seg.bounds[e + 1]
-        if lo == hi:
-            continue
-        he = torch.addmm(b1[e], xs[lo:hi], w1[e].t())
-        if shared_out is None:
-            torch.addmm(b2[e], activate(he, activation), w2[e].t(), out=ys[lo:hi])
-        else:
-            ys[lo:hi].addmm_(activate(he, activation), w2[e].t()).add_(b2[e])
-        if hs is not None:
-            hs[lo:hi] = he
+        if lo < hi:
+            torch.addmm(b1[e], xs[lo:hi], w1[e].t(), out=hs[lo:hi])
+    a = activate(hs, activation)
+    for e in range(E):
+        lo, hi = seg.bounds[e], seg.bounds[e + 1]
+        if lo < hi:
+            torch.addmm(b2[e], a[lo:hi], w2[e].t(), out=ys[lo:hi])
+    hidden = hs if save_hidden else x.new_empty(0)
+    if shared_out is not None:  # the op layer's own buffer: the routed rows are added into it in place
+        out = shared_out.index_add_(0, sorted_token_ids, ys)
+        return (out if gate is None else out.mul_(gate.to(out.dtype).unsqueeze(-1))), hidden
     if gate is not None:
-        ys = ys * gate.index_select(0, sorted_token_ids).to(ys.dtype).unsqueeze(-1)
-    out = torch.index_copy(x.new_empty(T, d_out), 0, sorted_token_ids, ys)
-    return out, (hs if hs is not None else x.new_empty(0))
+        ys.mul_(gate.index_select(0, sorted_token_ids).to(ys.dtype).unsqueeze(-1))
+    return torch.index_copy(x.new_empty(T, d_out), 0, sorted_token_ids, ys), hidden
 
 
 def activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
