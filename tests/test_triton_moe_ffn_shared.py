@@ -209,3 +209,33 @@ def test_auto_dispatch_on_cuda_skips_the_cuda_backend():
     out = ops.moe_ffn(x, plan, w1, b1, w2, b2, g, shared_w1=w1s, shared_b1=b1s, shared_w2=w2s)
     want, _ = reference(inputs, plan, torch.ones_like(x))
     check("out", out, want, 1e-4)
+
+
+@requires_gpu
+def test_cuda_graph_capture_of_tied_bert():
+    transformers = pytest.importorskip("transformers")
+    import moebert_kernels
+
+    config = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=256, max_position_embeddings=64)
+    model = transformers.BertModel(config).eval()
+    moebert_kernels.patch(model, num_experts=4, expert_size=64, shared=32, backend="triton", tie_shared=True)
+    model = model.cuda()
+    ids = torch.randint(0, 120, (2, 16), device="cuda")
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compile the kernels outside the capture
+                model(input_ids=ids)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(input_ids=ids).last_hidden_state
+        for seed in range(2):
+            new = torch.randint(0, 120, (2, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            ids.copy_(new)
+            graph.replay()
+            eager = model(input_ids=new.clone()).last_hidden_state
+            torch.cuda.synchronize()
+            assert torch.allclose(static_out, eager, atol=1e-5, rtol=1e-5)
