@@ -197,7 +197,8 @@ def _expert_backward(xs, hs, go, gs, w1, b1, w2, b2, activation, bmm: bool):
 
 def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
                      needs_grad, shared_dx=None):
-    """``shared_dx [T, d]`` (token order, or None): the shared expert's dx, added to the routed one."""
+    """``shared_dx [T, d]`` (token order, or None): the shared expert's dx, added to the routed one; the op
+    layer hands over a buffer of its own, which may be returned as dx."""
     # Analytic: custom-op bodies run below autograd, so autograd.grad cannot be used here.
     T, E = x.shape[0], w1.shape[0]
     seg = _Segments(x, expert_offsets, E)
