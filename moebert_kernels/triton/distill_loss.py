@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..ops.distill_loss import combine_stats, hidden_plan, hidden_stats, logits_plan, stats_dtype
+from . import on_input_device
 
 __all__ = ["distill_loss_forward", "distill_hidden_forward", "distill_logits_forward"]
 
@@ -222,6 +223,7 @@ def _addr_table(rows, extra_int=(), extra_f64=None, device=None) -> torch.Tensor
     return table.to(device)
 
 
+@on_input_device
 def distill_hidden_forward(student_hidden, teacher_hidden, coef, mask, inv_count, compute_grad):
     """Returns ``(sq_sums [L] fp32, grads)``: per-layer ``sum m*(s-t)^2`` and ``coef_l * m * (s - t)``."""
     L = len(student_hidden)
@@ -242,6 +244,7 @@ def distill_hidden_forward(student_hidden, teacher_hidden, coef, mask, inv_count
     return partial.sum(1), grads
 
 
+@on_input_device
 def distill_logits_forward(student_logits, teacher_logits, labels_2d, ce_norm, pred_norm, pred_kind, alpha_ce, lam,
                            temperature, compute_grad):
     """Returns ``(row_ce [heads, B], row_pred [heads, B], grads)``; see the kernel for the meaning."""
