@@ -127,7 +127,7 @@ stage() { NAMES+=("$1"); CAPS+=("$2"); FLOORS+=("$3"); CMDS+=("$4"); OUTS+=("${5
 PYTEST="$PY -m pytest -q -rs -p no:cacheprovider"
 BENCH_ARGS="-q -rs -p no:cacheprovider --benchmark-min-rounds=5 --benchmark-max-time=0.25 --benchmark-columns=min,median,rounds"
 
-stage env 30 5 "nvidia-smi; echo; $PY - <<'EOF'
+stage env 30 10 "nvidia-smi; echo; $PY - <<'EOF'
 import sys, torch
 print('GPU', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])
