@@ -79,8 +79,9 @@ def test_copy_routes_like_the_original_on_a_new_batch(kind, make_copy):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_quantize_dynamic_copy_routes_like_the_original(kind):
-    model = patched(kind)
+@pytest.mark.parametrize("router", ["hash", "token_gate"])
+def test_quantize_dynamic_copy_routes_like_the_original(kind, router):
+    model = patched(kind, router)
     a, b = batch(), batch()
     quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear})  # a copy
     logits(model, *a)
