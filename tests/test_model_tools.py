@@ -94,8 +94,11 @@ def test_quantize_dynamic_copy_routes_like_the_original(kind, router):
 def test_layer_called_outside_the_forward_does_not_reuse_the_last_plans(kind):
     model = patched(kind)
     ids, mask = batch()
-    logits(model, ids, mask)
     layer = mk.moe_layers(model)[0]
+    logits(model, ids, mask)
+    with pytest.raises(ValueError, match="outside its model's forward"):
+        layer(torch.randn(*ids.shape, D))
+    model(input_ids=ids, attention_mask=mask)  # with grad: plans kept for a checkpointed backward only
     with pytest.raises(ValueError, match="outside its model's forward"):
         layer(torch.randn(*ids.shape, D))
     torch.testing.assert_close(layer(torch.randn(*ids.shape, D), input_ids=ids).shape, (*ids.shape, D))
@@ -119,10 +122,14 @@ def test_gradient_checkpointing_matches_plain_backward(kind, router, reentrant):
     ckpt = copy.deepcopy(model)
     enable = getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable
     enable({"use_reentrant": reentrant})
+    calls = []
+    for m in mk.moe_layers(ckpt):
+        m.register_forward_pre_hook(lambda *_: calls.append(1))
     ids, mask = batch()
     labels = torch.tensor([0, 1, 2])
     for m in (model, ckpt):
         m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert len(calls) == 2 * len(mk.moe_layers(ckpt))  # each layer ran again in backward
     for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
@@ -331,7 +338,7 @@ def _train_biased_gates(coef, tmp_path):
     gen = torch.Generator().manual_seed(1)
     rows = [{"input_ids": torch.randint(3, 120, (9,), generator=gen), "attention_mask": torch.ones(9, dtype=torch.long),
              "labels": torch.tensor(i % 3)} for i in range(64)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / f"run{coef}"), max_steps=24,
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / f"run{coef}"), max_steps=10,
                                           per_device_train_batch_size=8, learning_rate=0.05, report_to=[],
                                           use_cpu=True, save_strategy="no", logging_strategy="no", seed=0)
     transformers.Trainer(model=model, args=args, train_dataset=rows).train()
