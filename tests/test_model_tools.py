@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification
 
 import moebert_kernels as mk
 from test_patch import D, FF, batch, logits, tiny
