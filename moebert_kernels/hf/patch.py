@@ -1,13 +1,13 @@
-"""``patch(model)``: turn a Hugging Face BERT-family model into MoEBERT in place.
+"""``patch(model)``: turn a Hugging Face encoder into MoEBERT in place.
 
-Table-driven over ``config.model_type``; works on instances only (no class swapping,
+Table-driven over ``config.model_type`` (``_FAMILIES``: layer path and FFN style per family); works on instances only (no class swapping,
 nothing at import time). Every argument is checked before the model is touched, so a
 bad call leaves the model as it was.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -20,20 +20,101 @@ __all__ = ["MoEBertSettings", "SUPPORTED_MODEL_TYPES", "expert_neuron_ids", "pat
 # HF activation name -> moe_ffn activation.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                 "relu": "relu"}
+# moe_ffn activation -> its gated form act(a) * g, for gated FFNs (ModernBERT's GeGLU).
+_GATED = {"gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
+
+
+@dataclass(frozen=True)
+class _DenseFFN:
+    """One dense layer's FFN as ``patch`` reads it; ``w1`` is ``[2 * d_ff, d]`` (a rows, then g rows) when gated."""
+
+    w1: Tensor
+    b1: Optional[Tensor]
+    w2: Tensor
+    b2: Optional[Tensor]
+    ln_weight: Optional[Tensor]  # the post-FFN LayerNorm each expert copies; None for pre-norm
+    ln_bias: Optional[Tensor]
+    ln_eps: float
+    dropout: float
+
+    @property
+    def d_ff(self) -> int:
+        return self.w2.shape[1]
+
+
+@dataclass(frozen=True)
+class _FFNStyle:
+    """How a layer holds its FFN: how to read the dense weights and where the MoE goes.
+
+    ``norm``: "fused" (the MoE does residual + expert LayerNorm), "deferred" (the model's own
+    LayerNorm module is replaced by the experts'), "none" (pre-norm: norm and residual stay the model's).
+    """
+
+    read: Callable[[nn.Module], _DenseFFN]
+    install: Callable[[nn.Module, MoEFeedForward], None]
+    norm: str
+    gated: bool = False
+
+
+def _read_post_norm(layer):
+    fc1, out = layer.intermediate.dense, layer.output
+    return _DenseFFN(fc1.weight, fc1.bias, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
+                     out.LayerNorm.bias, out.LayerNorm.eps, out.dropout.p)
+
+
+def _install_post_norm(layer, moe):
+    layer.intermediate = nn.Identity()
+    layer.output = moe  # called as output(hidden, input_tensor): residual + expert LayerNorm inside
+    if hasattr(layer, "chunk_size_feed_forward"):
+        layer.chunk_size_feed_forward = 0  # chunking would split a batch's routing plan
+
+
+def _read_distilbert(layer):
+    ffn, ln = layer.ffn, layer.output_layer_norm
+    return _DenseFFN(ffn.lin1.weight, ffn.lin1.bias, ffn.lin2.weight, ffn.lin2.bias, ln.weight, ln.bias, ln.eps,
+                     ffn.dropout.p)
+
+
+def _install_distilbert(layer, moe):
+    layer.ffn = moe
+    layer.output_layer_norm = DeferredExpertLayerNorm(moe)
+
+
+def _read_gated_pre_norm(layer):
+    mlp = layer.mlp
+    return _DenseFFN(mlp.Wi.weight, mlp.Wi.bias, mlp.Wo.weight, mlp.Wo.bias, None, None, 0.0, mlp.drop.p)
+
+
+def _install_gated_pre_norm(layer, moe):
+    layer.mlp = moe  # h + mlp(mlp_norm(h)): the norm and the residual add stay the model's
+
+
+POST_NORM = _FFNStyle(_read_post_norm, _install_post_norm, norm="fused")
+DISTILBERT = _FFNStyle(_read_distilbert, _install_distilbert, norm="deferred")
+GATED_PRE_NORM = _FFNStyle(_read_gated_pre_norm, _install_gated_pre_norm, norm="none", gated=True)
 
 
 @dataclass(frozen=True)
 class _Family:
+    classes: str  # the HF classes, for the error message
     layers: str  # attribute path from the base model to the layer list
-    style: str  # "bert": intermediate/output pair; "distilbert": ffn + output_layer_norm
+    style: _FFNStyle
+    activation: str = "hidden_act"  # the config attribute naming the FFN activation
 
 
 _FAMILIES = {
-    "bert": _Family("encoder.layer", "bert"),
-    "roberta": _Family("encoder.layer", "bert"),
-    "distilbert": _Family("transformer.layer", "distilbert"),
+    "bert": _Family("BertModel/BertFor* (MiniLM-style checkpoints included)", "encoder.layer", POST_NORM),
+    "roberta": _Family("RobertaModel/RobertaFor*", "encoder.layer", POST_NORM),
+    "distilbert": _Family("DistilBertModel/DistilBertFor*", "transformer.layer", DISTILBERT, "activation"),
+    "deberta-v2": _Family("DebertaV2Model/DebertaV2For* (DeBERTa-v2 and v3)", "encoder.layer", POST_NORM),
+    "electra": _Family("ElectraModel/ElectraFor*", "encoder.layer", POST_NORM),
+    "xlm-roberta": _Family("XLMRobertaModel/XLMRobertaFor*", "encoder.layer", POST_NORM),
+    "camembert": _Family("CamembertModel/CamembertFor*", "encoder.layer", POST_NORM),
+    "modernbert": _Family("ModernBertModel/ModernBertFor* (mmBERT and Ettin too)", "layers", GATED_PRE_NORM,
+                          "hidden_activation"),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+SUPPORTED_CLASSES = ", ".join(f.classes for f in _FAMILIES.values())
 
 
 @dataclass(frozen=True)
@@ -95,20 +176,9 @@ def _base_and_family(model: nn.Module):
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
         raise ValueError(f"moebert_kernels.patch supports model types {list(SUPPORTED_MODEL_TYPES)} "
-                         f"(BertModel/BertFor*, RobertaModel/RobertaFor*, DistilBert*); got {model_type!r} "
-                         f"({type(model).__name__})")
+                         f"({SUPPORTED_CLASSES}); got {model_type!r} ({type(model).__name__})")
     base = getattr(model, "base_model", model)
     return base, _FAMILIES[model_type], config
-
-
-def _dense_ffn(layer: nn.Module, style: str):
-    """(w1 [d_ff, d], b1, w2 [d, d_ff], b2, ln_weight, ln_bias, ln_eps, dropout_p) of one dense layer."""
-    if style == "bert":
-        fc1, out = layer.intermediate.dense, layer.output
-        return fc1.weight, fc1.bias, out.dense.weight, out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias, \
-            out.LayerNorm.eps, out.dropout.p
-    ffn, ln = layer.ffn, layer.output_layer_norm
-    return ffn.lin1.weight, ffn.lin1.bias, ffn.lin2.weight, ffn.lin2.bias, ln.weight, ln.bias, ln.eps, ffn.dropout.p
 
 
 def _make_router(kind: str, config, d: int, E: int, seed: int, token_counts: Optional[Tensor]):
@@ -125,11 +195,10 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
           importance: Optional[Tensor] = None, router: str = "hash", seed: int = 0,
           token_counts: Optional[Tensor] = None, backend: Optional[str] = None,
           _from_checkpoint: bool = False) -> nn.Module:
-    """Replace every layer's FFN of a HF BERT/RoBERTa/DistilBERT model with ``MoEFeedForward``.
+    """Replace every layer's FFN of a HF encoder with ``MoEFeedForward``.
 
     Args:
-        model: a stock HF model (``BertModel``, ``BertFor*``, ``RobertaModel``, ``RobertaFor*``,
-            ``DistilBert*``; MiniLM-style checkpoints are BERT).
+        model: a stock HF model of a family in ``SUPPORTED_MODEL_TYPES`` (base model or ``*For*`` head).
         num_experts, expert_size, shared: MoEBERT's N, expert width and shared neurons.
         importance: ``[L, d_ff]`` neuron importance (see ``expert_neuron_ids``); None keeps the dense order.
         router: one of ``"hash"`` (the paper's default), ``"balanced_hash"`` (needs ``token_counts``),
@@ -152,12 +221,12 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
                              f"got {tuple(torch.as_tensor(token_counts).shape)}")
     elif router == "balanced_hash" and not _from_checkpoint:
         raise ValueError("router='balanced_hash' needs token_counts=[vocab_size] token frequencies")
-    hf_act = getattr(config, "hidden_act", getattr(config, "activation", None))
+    hf_act = getattr(config, family.activation, None)
     if hf_act not in _ACTIVATIONS:
         raise ValueError(f"activation {hf_act!r} is not supported; supported: {list(_ACTIVATIONS)}")
-    activation = _ACTIVATIONS[hf_act]
-    dense = [_dense_ffn(layer, family.style) for layer in layers]
-    d_ff, d = dense[0][0].shape
+    activation = _GATED[_ACTIVATIONS[hf_act]] if family.style.gated else _ACTIVATIONS[hf_act]
+    dense = [family.style.read(layer) for layer in layers]
+    d_ff, d = dense[0].d_ff, dense[0].w2.shape[0]
     _check_sizes(d_ff, num_experts, expert_size, shared)
     if importance is not None:
         importance = torch.as_tensor(importance)
@@ -171,23 +240,21 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
 
     # Everything is checked: from here on the model changes.
     context = RoutingContext()
-    for i, (layer, (w1, b1, w2, b2, lnw, lnb, eps, p)) in enumerate(zip(layers, dense)):
+    style = family.style
+    for i, (layer, ffn) in enumerate(zip(layers, dense)):
+        w1 = ffn.w1
         r = _make_router(router, config, d, num_experts, seed + i, token_counts)
-        moe = MoEFeedForward(d, expert_size, num_experts, router=r.to(w1.device), activation=activation, dropout=p,
-                             layer_norm_eps=eps, layer_idx=i, fuse_norm=family.style == "bert", backend=backend,
-                             device=w1.device, dtype=w1.dtype)
-        moe.load_dense(w1.detach(), b1.detach(), w2.detach(), b2.detach(), lnw.detach(), lnb.detach(), neuron_ids[i])
+        moe = MoEFeedForward(d, expert_size, num_experts, router=r.to(w1.device), activation=activation,
+                             dropout=ffn.dropout, layer_norm_eps=ffn.ln_eps, layer_idx=i,
+                             fuse_norm=style.norm == "fused", expert_norm=style.norm != "none",
+                             bias=ffn.b1 is not None, backend=backend, device=w1.device, dtype=w1.dtype)
+        moe.load_dense(*(None if t is None else t.detach() for t in (ffn.w1, ffn.b1, ffn.w2, ffn.b2, ffn.ln_weight,
+                                                                       ffn.ln_bias)), neuron_ids[i])
         moe.train(layer.training)  # new modules start in train mode; keep the model's mode
         moe._context = context
         if isinstance(r, HashRouter):
             context.hash_layers[i] = r
-        if family.style == "bert":
-            layer.intermediate = nn.Identity()
-            layer.output = moe
-            layer.chunk_size_feed_forward = 0  # chunking would split a batch's routing plan
-        else:
-            layer.ffn = moe
-            layer.output_layer_norm = DeferredExpertLayerNorm(moe)
+        style.install(layer, moe)
 
     def _begin(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)

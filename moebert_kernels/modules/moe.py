@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..ops import moe_ffn
 from ..ops.expert_layer_norm import expert_layer_norm
-from ..ops.moe_ffn import ACTIVATIONS
+from ..ops.moe_ffn import ACTIVATIONS, GATED_ACTIVATIONS
 from ..ops.routing import RoutingPlan
 from .routers import HashRouter, RoutingContext, SentenceGate, TokenGate
 
@@ -28,16 +28,20 @@ class MoEFeedForward(nn.Module):
         expert_size: h, the width of each expert.
         num_experts: E.
         router: a router from ``modules.routers``; None means the caller passes ``plan=``.
-        activation: ``"gelu"`` (exact erf, BERT), ``"gelu_tanh"`` or ``"relu"``.
+        activation: ``"gelu"`` (exact erf, BERT), ``"gelu_tanh"``, ``"relu"``, or a gated form
+            ``"geglu"``/``"geglu_tanh"``/``"reglu"`` (act(a) * g; w1 is then ``[E, 2h, d]``).
         dropout: applied to the FFN output before the residual add.
         layer_norm_eps: BERT uses 1e-12.
         layer_idx: which layer's plan to take from a shared ``RoutingContext``.
         fuse_norm: False returns ``dropout(ffn(x))`` and leaves the residual LayerNorm to
             a ``DeferredExpertLayerNorm`` (DistilBERT applies it outside its FFN).
+        expert_norm: False: no per-expert LayerNorm at all, the module is ``dropout(ffn(x))``
+            (pre-norm models such as ModernBERT keep their shared norm and residual outside).
+        bias: False: no b1/b2 (ModernBERT's default).
         backend: force a backend for this module; None lets the dispatch decide.
 
-    Parameters are stacked over experts: ``w1 [E, h, d]``, ``b1 [E, h]``,
-    ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``.
+    Parameters are stacked over experts: ``w1 [E, h, d]`` (``[E, 2h, d]`` gated: a rows, then g rows),
+    ``b1 [E, h]`` (``[E, 2h]``), ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``.
     After each forward, ``aux_loss`` holds the gate's load-balancing loss (None for hash routers).
     """
 
@@ -52,6 +56,8 @@ class MoEFeedForward(nn.Module):
         layer_norm_eps: float = 1e-12,
         layer_idx: int = 0,
         fuse_norm: bool = True,
+        expert_norm: bool = True,
+        bias: bool = True,
         backend: Optional[str] = None,
         device=None,
         dtype=None,
@@ -66,13 +72,15 @@ class MoEFeedForward(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.hidden_size, self.expert_size, self.num_experts = d, h, E
         self.activation, self.layer_norm_eps, self.layer_idx = activation, layer_norm_eps, layer_idx
-        self.fuse_norm, self.backend = fuse_norm, backend
-        self.w1 = nn.Parameter(torch.empty(E, h, d, **kw))
-        self.b1 = nn.Parameter(torch.empty(E, h, **kw))
+        self.fuse_norm, self.expert_norm, self.backend = fuse_norm and expert_norm, expert_norm, backend
+        self.gated = activation in GATED_ACTIVATIONS
+        h_up = 2 * h if self.gated else h
+        self.w1 = nn.Parameter(torch.empty(E, h_up, d, **kw))
+        self.b1 = nn.Parameter(torch.empty(E, h_up, **kw)) if bias else None
         self.w2 = nn.Parameter(torch.empty(E, d, h, **kw))
-        self.b2 = nn.Parameter(torch.empty(E, d, **kw))
-        self.ln_weight = nn.Parameter(torch.ones(E, d, **kw))
-        self.ln_bias = nn.Parameter(torch.zeros(E, d, **kw))
+        self.b2 = nn.Parameter(torch.empty(E, d, **kw)) if bias else None
+        self.ln_weight = nn.Parameter(torch.ones(E, d, **kw)) if expert_norm else None
+        self.ln_bias = nn.Parameter(torch.zeros(E, d, **kw)) if expert_norm else None
         self.dropout = nn.Dropout(dropout)
         self.router = router
         self.aux_loss: Optional[Tensor] = None
@@ -84,32 +92,44 @@ class MoEFeedForward(nn.Module):
         for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
             bound = w.shape[-1] ** -0.5
             nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
-        nn.init.ones_(self.ln_weight)
-        nn.init.zeros_(self.ln_bias)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+        if self.expert_norm:
+            nn.init.ones_(self.ln_weight)
+            nn.init.zeros_(self.ln_bias)
 
     @torch.no_grad()
-    def load_dense(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                   neuron_ids: Tensor) -> "MoEFeedForward":
+    def load_dense(self, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                   ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], neuron_ids: Tensor) -> "MoEFeedForward":
         """Copy slices of a dense FFN (``w1 [d_ff, d]``, ``w2 [d, d_ff]``) into the experts.
 
         ``neuron_ids [E, h]`` says which dense neurons each expert keeps; b2 and the
-        LayerNorm are copied to every expert.
+        LayerNorm are copied to every expert. Gated: ``w1 [2 d_ff, d]`` holds the a rows, then
+        the g rows, and neuron j is rows j and d_ff + j of w1 with column j of w2.
         """
         E, h = self.num_experts, self.expert_size
         if tuple(neuron_ids.shape) != (E, h):
             raise ValueError(f"neuron_ids must be [E, h] = {(E, h)}, got {tuple(neuron_ids.shape)}")
-        d_ff = w1.shape[0]
-        if tuple(w1.shape) != (d_ff, self.hidden_size) or tuple(w2.shape) != (self.hidden_size, d_ff):
-            raise ValueError(f"dense weights must be w1 [d_ff, d] and w2 [d, d_ff] with d={self.hidden_size}; "
-                             f"got {tuple(w1.shape)} and {tuple(w2.shape)}")
+        d_ff = w2.shape[1]
+        rows = 2 * d_ff if self.gated else d_ff
+        if tuple(w1.shape) != (rows, self.hidden_size) or tuple(w2.shape) != (self.hidden_size, d_ff):
+            raise ValueError(f"dense weights must be w1 [{'2 d_ff' if self.gated else 'd_ff'}, d] and w2 [d, d_ff] "
+                             f"with d={self.hidden_size}; got {tuple(w1.shape)} and {tuple(w2.shape)}")
+        for name, t, want in (("b1", b1, self.b1), ("b2", b2, self.b2), ("ln_weight", ln_weight, self.ln_weight),
+                              ("ln_bias", ln_bias, self.ln_bias)):
+            if (t is None) != (want is None):
+                raise ValueError(f"{name} is {'missing' if t is None else 'given'} but this module "
+                                 f"{'has' if want is not None else 'has no'} {name}")
         idx = neuron_ids.to(w1.device)
-        self.w1.copy_(w1[idx])
-        self.b1.copy_(b1[idx])
+        up = torch.cat([idx, idx + d_ff], dim=1) if self.gated else idx
+        self.w1.copy_(w1[up])
         self.w2.copy_(w2[:, idx].permute(1, 0, 2))
-        self.b2.copy_(b2.expand(E, -1))
-        self.ln_weight.copy_(ln_weight.expand(E, -1))
-        self.ln_bias.copy_(ln_bias.expand(E, -1))
+        if b1 is not None:
+            self.b1.copy_(b1[up])
+            self.b2.copy_(b2.expand(E, -1))
+        if ln_weight is not None:
+            self.ln_weight.copy_(ln_weight.expand(E, -1))
+            self.ln_bias.copy_(ln_bias.expand(E, -1))
         return self
 
     # -- routing ---------------------------------------------------------------------
@@ -177,11 +197,13 @@ class MoEFeedForward(nn.Module):
         if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
+                x, w1, b1, w2, b2 = (None if t is None else t.to(dt) for t in (x, w1, b1, w2, b2))
                 y = moe_ffn(x, plan, w1, b1, w2, b2, gate, self.activation, self.backend)
         else:
             y = moe_ffn(x, plan, w1, b1, w2, b2, gate, self.activation, self.backend)
         y = self.dropout(y).reshape(shape)
+        if not self.expert_norm:
+            return y
         if not self.fuse_norm:
             self._last_plan = plan
             return y

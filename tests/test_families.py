@@ -1,0 +1,160 @@
+"""patch() on every supported family, at the level users call it: whole tiny random HF models."""
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import moebert_kernels as mk
+from moebert_kernels.hf.patch import SUPPORTED_MODEL_TYPES
+
+D, FF, L, V = 32, 64, 2, 120
+
+
+def _config(family: str):
+    common = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF,
+                  num_labels=3)
+    if family == "bert":
+        return tf.BertConfig(max_position_embeddings=64, **common)
+    if family in ("roberta", "xlm-roberta", "camembert"):
+        cls = {"roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig, "camembert": tf.CamembertConfig}
+        return cls[family](max_position_embeddings=70, pad_token_id=1, **common)
+    if family == "distilbert":
+        return tf.DistilBertConfig(vocab_size=V, dim=D, n_layers=L, n_heads=4, hidden_dim=FF,
+                                   max_position_embeddings=64, num_labels=3)
+    if family == "deberta-v2":  # v3-style: relative attention with log buckets, shared keys
+        return tf.DebertaV2Config(max_position_embeddings=64, relative_attention=True, position_buckets=16,
+                                  pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+                                  max_relative_positions=-1, position_biased_input=False, **common)
+    if family == "electra":
+        return tf.ElectraConfig(embedding_size=16, max_position_embeddings=64, **common)
+    if family == "modernbert":
+        return tf.ModernBertConfig(max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                   hidden_activation="gelu", **common)
+    raise KeyError(family)
+
+
+_PREFIX = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "deberta-v2": "DebertaV2",
+           "electra": "Electra", "xlm-roberta": "XLMRoberta", "camembert": "Camembert", "modernbert": "ModernBert"}
+FAMILIES = list(_PREFIX)
+HEADS = ["Model", "ForSequenceClassification", "ForMaskedLM", "ForTokenClassification"]
+
+
+def tiny(family: str, head: str = "ForSequenceClassification"):
+    torch.manual_seed(torch.seed() % 2**31)
+    model = getattr(tf, _PREFIX[family] + head)(_config(family)).eval()
+    with torch.no_grad():  # make norms and biases non-trivial so every copy is checked
+        for n, p in model.named_parameters():
+            if "norm" in n.lower():
+                p.uniform_(0.5, 1.5) if n.endswith("weight") else p.normal_(0, 0.1)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def batch(B=3, S=9):
+    ids = torch.randint(3, V, (B, S))
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def out_of(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_table_covers_the_eight_families():
+    assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head", HEADS)
+def test_one_full_expert_equals_stock_forward_and_backward(family, head):
+    if head == "ForMaskedLM" and family == "electra":
+        head = "ForPreTraining"
+    dense = tiny(family, head)
+    moe = copy.deepcopy(dense)
+    mk.patch(moe, num_experts=1, expert_size=FF, shared=0)
+    assert len(mk.moe_layers(moe)) == L
+    ids, mask = batch()
+    y_dense, y_moe = out_of(dense, ids, mask), out_of(moe, ids, mask)
+    torch.testing.assert_close(y_moe, y_dense, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y_dense)
+    (y_dense * dy).sum().backward()
+    (y_moe * dy).sum().backward()
+    grads = {n: p.grad for n, p in moe.named_parameters()}
+    compared = 0
+    for n, p in dense.named_parameters():
+        if n in grads and p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+            compared += 1
+    assert compared > 5
+    # The one expert's weights are the dense FFN's (in order: no importance), so their grads are too.
+    base = getattr(dense, "base_model", dense)
+    from moebert_kernels.hf.patch import _FAMILIES, _get
+    fam = _FAMILIES[family]
+    for layer, m in zip(_get(base, fam.layers), mk.moe_layers(moe)):
+        ffn = fam.style.read(layer)
+        torch.testing.assert_close(m.w1.grad[0], ffn.w1.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.w2.grad[0], ffn.w2.grad, rtol=1e-4, atol=1e-5)
+        if ffn.b2 is not None:
+            torch.testing.assert_close(m.b2.grad[0], ffn.b2.grad, rtol=1e-4, atol=1e-5)
+        if ffn.ln_weight is not None:
+            torch.testing.assert_close(m.ln_weight.grad[0], ffn.ln_weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_four_experts_forward_backward_and_save_load(family, tmp_path):
+    model = tiny(family)
+    mk.patch(model, num_experts=4, expert_size=24, shared=12, importance=torch.rand(L, FF), seed=3)
+    model.train()
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2]))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for m in mk.moe_layers(model):
+        assert m.w1.grad is not None and m.w1.grad.abs().sum() > 0 and m.w2.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        before = out_of(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    loaded = mk.from_pretrained(str(tmp_path))
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(out_of(loaded, ids, mask), before, rtol=0, atol=0)
+    for a, b in zip(mk.moe_layers(model), mk.moe_layers(loaded)):
+        assert torch.equal(a.router.table, b.router.table)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_patched_model_compiles_fullgraph(family):
+    torch._dynamo.reset()
+    model = tiny(family)
+    mk.patch(model, num_experts=4, expert_size=24, shared=12)
+    ids, mask = batch()
+    with torch.no_grad():
+        want = out_of(model, ids, mask)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = out_of(compiled, ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert all(m.w1.grad is not None for m in mk.moe_layers(model))
+
+
+def test_deberta_layer_norm_eps_is_read_from_the_model():
+    model = tiny("deberta-v2")
+    eps = model.deberta.encoder.layer[0].output.LayerNorm.eps
+    assert eps == 1e-7
+    mk.patch(model, num_experts=2, expert_size=32, shared=0)
+    assert all(m.layer_norm_eps == eps for m in mk.moe_layers(model))
+
+
+def test_unsupported_model_lists_every_family():
+    cfg = tf.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50)
+    with pytest.raises(ValueError) as err:
+        mk.patch(tf.GPT2Model(cfg))
+    for fam in FAMILIES:
+        assert repr(fam) in str(err.value)
+    assert "ModernBertModel" in str(err.value) and "DebertaV2Model" in str(err.value)
