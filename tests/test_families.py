@@ -158,3 +158,54 @@ def test_unsupported_model_lists_every_family():
     for fam in FAMILIES:
         assert repr(fam) in str(err.value)
     assert "ModernBertModel" in str(err.value) and "DebertaV2Model" in str(err.value)
+
+
+# ---- ModernBERT: gated pre-norm MLP ------------------------------------------------------------
+
+def test_modernbert_layer_with_one_expert_equals_the_stock_gated_mlp():
+    model = tiny("modernbert", "Model")
+    layer = model.layers[1]
+    stock_mlp, stock_layer = copy.deepcopy(layer.mlp), copy.deepcopy(layer)
+    mk.patch(model, num_experts=1, expert_size=FF, shared=0)
+    moe = layer.mlp
+    assert isinstance(moe, mk.MoEFeedForward) and moe.activation == "geglu"
+    assert moe.b1 is None and moe.b2 is None and moe.ln_weight is None  # no biases, no per-expert norm
+    assert tuple(moe.w1.shape) == (1, 2 * FF, D) and tuple(moe.w2.shape) == (1, D, FF)
+    assert isinstance(layer.mlp_norm, torch.nn.LayerNorm)  # the shared pre-norm stays the model's
+    ids, mask = batch()
+    model._moebert_context.begin(ids, mask)  # what the base model's pre-forward hook does
+    x = torch.randn(3, 9, D, requires_grad=True)
+    torch.testing.assert_close(moe(x), stock_mlp(x), rtol=1e-5, atol=1e-6)
+    # The whole layer: h + mlp(mlp_norm(h)) with the residual and norm outside the MoE.
+    pos = model.rotary_emb(x, torch.arange(9)[None], layer.attention_type)
+    kw = dict(attention_mask=None, position_embeddings=pos)
+    torch.testing.assert_close(layer(x, **kw), stock_layer(x, **kw), rtol=1e-5, atol=1e-6)
+
+
+def test_modernbert_unpadded_hidden_states_route_by_the_kept_tokens_ids():
+    """transformers 4.x's FlashAttention path unpads to [total_nnz, d] with indices = nonzero(mask);
+    the MLP then sees only the kept rows. Their experts must be those of the kept tokens' ids."""
+    model = tiny("modernbert", "Model")
+    mk.patch(model, num_experts=4, expert_size=16, shared=4, seed=5)
+    ids, mask = batch()
+    mask[2, 3:] = 0
+    model._moebert_context.begin(ids, mask)
+    layer = model.layers[0]
+    hidden = torch.randn(3, 9, D)
+    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()  # as HF's _unpad_modernbert_input
+    unpadded = hidden.reshape(-1, D)[indices]
+    padded_out = hidden + layer.mlp(layer.mlp_norm(hidden))
+    unpadded_out = unpadded + layer.mlp(layer.mlp_norm(unpadded))
+    torch.testing.assert_close(unpadded_out, padded_out.reshape(-1, D)[indices], rtol=1e-6, atol=1e-6)
+    # Routing the first total_nnz ids instead (ignoring the mask) gives other experts.
+    table = layer.mlp.router.table
+    assert not torch.equal(table[ids.flatten()[:len(indices)]], table[ids.flatten()[indices]])
+
+
+def test_modernbert_unpadded_without_a_mask_says_what_is_wrong():
+    model = tiny("modernbert", "Model")
+    mk.patch(model, num_experts=4, expert_size=16, shared=4)
+    ids, _ = batch()
+    model._moebert_context.begin(ids, None)
+    with pytest.raises(ValueError, match="routing plan covers 27 tokens but hidden_states has 20"):
+        model.layers[0].mlp(torch.randn(20, D))

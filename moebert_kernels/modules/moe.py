@@ -146,6 +146,10 @@ class MoEFeedForward(nn.Module):
                 plan = ctx.plans.get(self.layer_idx)
                 if plan is None:
                     input_ids = ctx.input_ids
+                elif plan.num_tokens != T and hidden_states.dim() == 2 and ctx.attention_mask is not None:
+                    # Unpadded hidden states [kept tokens, d] (ModernBERT's FlashAttention path in
+                    # transformers 4.x): route by the ids of the tokens the mask keeps.
+                    plan, input_ids = None, _kept_input_ids(ctx)
             if plan is None:
                 if input_ids is None:
                     raise ValueError(
@@ -213,6 +217,11 @@ class MoEFeedForward(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, num_experts={self.num_experts}, "
                 f"activation={self.activation!r}, layer_idx={self.layer_idx}")
+
+
+def _kept_input_ids(ctx: RoutingContext) -> Tensor:
+    """The ids of the tokens ``attention_mask`` keeps, in the row-major order unpadding keeps them."""
+    return ctx.input_ids.reshape(-1)[ctx.attention_mask.reshape(-1).bool()]
 
 
 class DeferredExpertLayerNorm(nn.Module):
