@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
 from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, RoutingContext, SentenceGate, TokenGate
 
-__all__ = ["MoEBertSettings", "SUPPORTED_MODEL_TYPES", "expert_neuron_ids", "patch", "moe_layers", "aux_loss"]
+__all__ = ["MoEBertSettings", "SUPPORTED_MODEL_TYPES", "SUPPORTED_CLASSES", "dense_ffn_linears", "expert_neuron_ids",
+           "patch", "moe_layers", "aux_loss"]
 
 # HF activation name -> moe_ffn activation.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -44,22 +45,30 @@ class _DenseFFN:
 
 @dataclass(frozen=True)
 class _FFNStyle:
-    """How a layer holds its FFN: how to read the dense weights and where the MoE goes.
+    """How a layer holds its FFN: attribute paths from the layer to its parts, and where the MoE goes.
 
     ``norm``: "fused" (the MoE does residual + expert LayerNorm), "deferred" (the model's own
     LayerNorm module is replaced by the experts'), "none" (pre-norm: norm and residual stay the model's).
+    ``gated``: the up projection holds 2 d_ff rows, a then g, and the FFN is down(act(a) * g).
     """
 
-    read: Callable[[nn.Module], _DenseFFN]
+    up: str
+    down: str
+    layer_norm: Optional[str]  # the post-FFN LayerNorm every expert copies
+    dropout: str
     install: Callable[[nn.Module, MoEFeedForward], None]
     norm: str
     gated: bool = False
 
+    def linears(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        return _get(layer, self.up), _get(layer, self.down)
 
-def _read_post_norm(layer):
-    fc1, out = layer.intermediate.dense, layer.output
-    return _DenseFFN(fc1.weight, fc1.bias, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
-                     out.LayerNorm.bias, out.LayerNorm.eps, out.dropout.p)
+    def read(self, layer: nn.Module) -> _DenseFFN:
+        up, down = self.linears(layer)
+        ln = _get(layer, self.layer_norm) if self.layer_norm else None
+        return _DenseFFN(up.weight, up.bias, down.weight, down.bias, None if ln is None else ln.weight,
+                         None if ln is None else ln.bias, ln.eps if ln is not None else 0.0,
+                         _get(layer, self.dropout).p)
 
 
 def _install_post_norm(layer, moe):
@@ -69,29 +78,21 @@ def _install_post_norm(layer, moe):
         layer.chunk_size_feed_forward = 0  # chunking would split a batch's routing plan
 
 
-def _read_distilbert(layer):
-    ffn, ln = layer.ffn, layer.output_layer_norm
-    return _DenseFFN(ffn.lin1.weight, ffn.lin1.bias, ffn.lin2.weight, ffn.lin2.bias, ln.weight, ln.bias, ln.eps,
-                     ffn.dropout.p)
-
-
 def _install_distilbert(layer, moe):
     layer.ffn = moe
     layer.output_layer_norm = DeferredExpertLayerNorm(moe)
-
-
-def _read_gated_pre_norm(layer):
-    mlp = layer.mlp
-    return _DenseFFN(mlp.Wi.weight, mlp.Wi.bias, mlp.Wo.weight, mlp.Wo.bias, None, None, 0.0, mlp.drop.p)
 
 
 def _install_gated_pre_norm(layer, moe):
     layer.mlp = moe  # h + mlp(mlp_norm(h)): the norm and the residual add stay the model's
 
 
-POST_NORM = _FFNStyle(_read_post_norm, _install_post_norm, norm="fused")
-DISTILBERT = _FFNStyle(_read_distilbert, _install_distilbert, norm="deferred")
-GATED_PRE_NORM = _FFNStyle(_read_gated_pre_norm, _install_gated_pre_norm, norm="none", gated=True)
+POST_NORM = _FFNStyle("intermediate.dense", "output.dense", "output.LayerNorm", "output.dropout",
+                      _install_post_norm, norm="fused")
+DISTILBERT = _FFNStyle("ffn.lin1", "ffn.lin2", "output_layer_norm", "ffn.dropout", _install_distilbert,
+                       norm="deferred")
+# ModernBERT applies its dropout to act(a) * g; the MoE applies it to the FFN output (default p = 0).
+GATED_PRE_NORM = _FFNStyle("mlp.Wi", "mlp.Wo", None, "mlp.drop", _install_gated_pre_norm, norm="none", gated=True)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,17 @@ def _base_and_family(model: nn.Module):
                          f"({SUPPORTED_CLASSES}); got {model_type!r} ({type(model).__name__})")
     base = getattr(model, "base_model", model)
     return base, _FAMILIES[model_type], config
+
+
+def dense_ffn_linears(model: nn.Module) -> tuple[list[tuple[nn.Linear, nn.Linear]], bool]:
+    """``([(up, down) per layer], gated)`` of a dense model of a supported family.
+
+    Gated (ModernBERT): ``up`` has ``2 d_ff`` rows; neuron j is rows j and d_ff + j of it and column j of ``down``.
+    """
+    base, family, _ = _base_and_family(model)
+    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+        raise ValueError("this model is already patched with MoEFeedForward layers; a dense model is needed")
+    return [family.style.linears(layer) for layer in _get(base, family.layers)], family.style.gated
 
 
 def _make_router(kind: str, config, d: int, E: int, seed: int, token_counts: Optional[Tensor]):

@@ -35,7 +35,7 @@ def run(args) -> int:
     model = load_teacher(args.model, task, num_labels=None if task.qa else config.num_labels,
                          id2label=getattr(config, "id2label", None))
     pairs = ffn_linears(model)
-    d_ff = pairs[0][0].out_features
+    d_ff = pairs[0][1].in_features  # fc2's width: fc1 holds 2 d_ff rows when the FFN is gated
     expert_size = args.expert_size or d_ff // 4
     shared = args.shared if args.shared is not None else expert_size * 2 // 3
     importance = None
