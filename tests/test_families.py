@@ -128,6 +128,24 @@ def test_four_experts_forward_backward_and_save_load(family, tmp_path):
         assert torch.equal(a.router.table, b.router.table)
 
 
+@pytest.mark.parametrize("family", ["modernbert", "deberta-v2"])
+@pytest.mark.parametrize("router", ["token_gate", "sentence_gate"])
+def test_learned_gates_train_and_reload(family, router, tmp_path):
+    model = tiny(family)
+    mk.patch(model, num_experts=4, expert_size=24, shared=12, router=router)
+    model.train()
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2]))
+    (out.loss + mk.aux_loss(model)).backward()
+    assert all(m.router.proj.weight.grad is not None for m in mk.moe_layers(model))
+    model.eval()
+    with torch.no_grad():
+        before = out_of(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(out_of(mk.from_pretrained(str(tmp_path)), ids, mask), before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_whole_patched_model_compiles_fullgraph(family):
     torch._dynamo.reset()
