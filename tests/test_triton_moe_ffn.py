@@ -411,19 +411,20 @@ def variants(kind, dtype, cfg, everything):
     prec = "ieee" if dtype == torch.float32 else "tf32"
     blk = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, E_POW2=4, UPCAST=False, PRECISION=prec)
     if kind == "gemm":
-        out = [("up", K._moe_ffn_up_kernel, dict(ACTIVATION=0, GATED=False, HAS_BIAS=True, STORE_ACT=True, STORE_H=True, stride_wk=1,
-                                                  EVEN_K=True, **blk), True)]
+        out = [("up", K._moe_ffn_up_kernel, dict(ACTIVATION=0, GATED=False, HAS_BIAS=True, STORE_ACT=True,
+                                                  STORE_H=True, stride_wk=1, EVEN_K=True, **blk), True)]
         more = [
-            ("bwd_hidden", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=1, GATED=False, B2_DOT=True, HAS_GATE=True, STORE_DH=True,
-             STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, **blk), True),
+            ("bwd_hidden", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=1, GATED=False, B2_DOT=True, HAS_GATE=True,
+             STORE_DH=True, STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, **blk), True),
             ("down_fwd", K._moe_ffn_down_kernel, dict(HAS_BIAS=True, HAS_GATE=True, stride_wk=1, EVEN_K=True, **blk),
              True),
             ("down_dx_oddK", K._moe_ffn_down_kernel, dict(HAS_BIAS=False, HAS_GATE=False, stride_wn=1, EVEN_K=False,
              **blk), False),
-            ("up_oddK_tf32", K._moe_ffn_up_kernel, dict(ACTIVATION=2, GATED=False, HAS_BIAS=True, STORE_ACT=True, STORE_H=False, stride_wk=1,
-             EVEN_K=False, **dict(blk, PRECISION="tf32")), False),
-            ("bwd_hidden_min", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=2, GATED=False, B2_DOT=False, HAS_GATE=False, STORE_DH=True,
-             STORE_ACT=False, DGATE=False, STORE_DB=False, stride_wn=1, EVEN_K=False, **blk), False),
+            ("up_oddK_tf32", K._moe_ffn_up_kernel, dict(ACTIVATION=2, GATED=False, HAS_BIAS=True, STORE_ACT=True,
+             STORE_H=False, stride_wk=1, EVEN_K=False, **dict(blk, PRECISION="tf32")), False),
+            ("bwd_hidden_min", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=2, GATED=False, B2_DOT=False,
+             HAS_GATE=False, STORE_DH=True, STORE_ACT=False, DGATE=False, STORE_DB=False, stride_wn=1, EVEN_K=False,
+             **blk), False),
         ]
     else:
         out = [("dw2", K._moe_ffn_dw_kernel, dict(L_GATHER=True, L_GATE=True, R_GATHER=False, LOAD_TOK=True,
@@ -488,9 +489,9 @@ for arch in (90, 80):
               STORE_ACT=True, DGATE=True, STORE_DB=False, stride_wn=1, EVEN_K=True, **blk), TY[dtype], cfg, arch)
         n += 2
 # E == 1 and T == 1 become constexpr 1 under the JIT's specialization.
-build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, GATED=False, B2_DOT=True, HAS_GATE=True, STORE_DH=True, STORE_ACT=True, DGATE=True,
-      STORE_DB=True, stride_wn=1, EVEN_K=True, E=1, T=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, E_POW2=2,
-      UPCAST=False, PRECISION="tf32"), "bf16", tm.MoEFFNConfig(16, 64, 128, 4, 4), 90)
+build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, GATED=False, B2_DOT=True, HAS_GATE=True, STORE_DH=True,
+      STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, E=1, T=1, BLOCK_M=16, BLOCK_N=64,
+      BLOCK_K=128, E_POW2=2, UPCAST=False, PRECISION="tf32"), "bf16", tm.MoEFFNConfig(16, 64, 128, 4, 4), 90)
 print(n + 3, "compiled ok")
 """
 

@@ -1,8 +1,8 @@
 """``patch(model)``: turn a Hugging Face encoder into MoEBERT in place.
 
-Table-driven over ``config.model_type`` (``_FAMILIES``: layer path and FFN style per family); works on instances only (no class swapping,
-nothing at import time). Every argument is checked before the model is touched, so a
-bad call leaves the model as it was.
+Table-driven over ``config.model_type`` (``_FAMILIES``: layer path and FFN style per family);
+works on instances only (no class swapping, nothing at import time). Every argument is checked
+before the model is touched, so a bad call leaves the model as it was.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ _GATED = {"gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
 
 @dataclass(frozen=True)
 class _DenseFFN:
-    """One dense layer's FFN as ``patch`` reads it; ``w1`` is ``[2 * d_ff, d]`` (a rows, then g rows) when gated."""
+    """One dense layer's FFN as ``patch`` reads it; ``w1`` is ``[2 d_ff, d]`` (a rows, then g rows) when gated."""
 
     w1: Tensor
     b1: Optional[Tensor]

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ffn_is_gated", "ffn_linears", "importance_scores", "per_example_loss_sum", "save_importance", "load_importance", "run"]
+__all__ = ["ffn_is_gated", "ffn_linears", "importance_scores", "per_example_loss_sum", "save_importance",
+           "load_importance", "run"]
 
 
 def ffn_linears(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
