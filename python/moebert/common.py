@@ -72,7 +72,7 @@ def _head_class(task: TaskSpec):
 
 def load_teacher(path: str, task: TaskSpec, num_labels: Optional[int] = None, id2label: Optional[dict] = None,
                  device: Optional[str] = None):
-    """A dense BERT-family model with the task's head (new head when ``path`` is a bare encoder)."""
+    """A dense encoder of a supported family with the task's head (new head when ``path`` is a bare encoder)."""
     config = load_config(path)
     _check_family(config, path, "teacher")
     if is_moebert_checkpoint(path):
