@@ -16,8 +16,15 @@ SENTENCES = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
 
 
 def _wordpiece(folder):
+    import inspect
+
     tokens = SPECIALS + WORDS
-    return tf.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+    if "vocab" in inspect.signature(tf.BertTokenizerFast.__init__).parameters:  # transformers 5
+        return tf.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(tokens) + "\n")
+    return tf.BertTokenizerFast(vocab_file=os.path.join(folder, "vocab.txt"), do_lower_case=True)
 
 
 def _bpe(folder):

@@ -206,9 +206,12 @@ def test_modernbert_layer_with_one_expert_equals_the_stock_gated_mlp():
     x = torch.randn(3, 9, D, requires_grad=True)
     torch.testing.assert_close(moe(x), stock_mlp(x), rtol=1e-5, atol=1e-6)
     # The whole layer: h + mlp(mlp_norm(h)) with the residual and norm outside the MoE.
-    pos = model.rotary_emb(x, torch.arange(9)[None], layer.attention_type)
-    kw = dict(attention_mask=None, position_embeddings=pos)
-    torch.testing.assert_close(layer(x, **kw), stock_layer(x, **kw), rtol=1e-5, atol=1e-6)
+    if hasattr(model, "rotary_emb"):  # transformers 5: rotary embeddings come from the model
+        pos = model.rotary_emb(x, torch.arange(9)[None], layer.attention_type)
+        run = lambda m: m(x, attention_mask=None, position_embeddings=pos)  # noqa: E731
+    else:  # transformers 4.x: each layer rotates from position_ids and returns a tuple
+        run = lambda m: m(x, position_ids=torch.arange(9)[None])[0]  # noqa: E731
+    torch.testing.assert_close(run(layer), run(stock_layer), rtol=1e-5, atol=1e-6)
 
 
 def test_modernbert_unpadded_hidden_states_route_by_the_kept_tokens_ids():
