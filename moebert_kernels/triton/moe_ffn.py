@@ -63,6 +63,7 @@ import triton
 from torch import Tensor
 
 from ..ops.moe_ffn import GATED_ACTIVATIONS
+from . import on_input_device
 from .moe_ffn_kernels import (
     ACT_GELU,
     ACT_GELU_TANH,
@@ -298,6 +299,7 @@ def _act_code(activation: str) -> int:
     return code
 
 
+@on_input_device
 def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden):
     """Backend contract: ``(out [T, d_out], hidden [T, h] expert order or empty)``."""
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
@@ -319,6 +321,7 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     return out, hidden
 
 
+@on_input_device
 def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
                      needs_grad):
     """Backend contract: ``(dx, dw1, db1, dw2, db2, dgate)``, all full-shaped; unneeded ones are left unwritten."""
