@@ -102,8 +102,8 @@ def test_one_full_expert_equals_stock_forward_and_backward(family, head):
     assert compared > 5
     # The one expert's weights are the dense FFN's (in order: no importance), so their grads are too.
     base = getattr(dense, "base_model", dense)
-    from moebert_kernels.hf.patch import _FAMILIES, _get
-    fam = _FAMILIES[family]
+    from moebert_kernels.hf.patch import _get, family_of
+    fam = family_of(family)
     for layer, m in zip(_get(base, fam.layers), mk.moe_layers(moe)):
         ffn = fam.style.read(layer)
         assert_rel(m.w1.grad[0], ffn.w1.grad, name="w1")
@@ -191,6 +191,13 @@ def test_unsupported_model_lists_every_family():
 
 # ---- ModernBERT: gated pre-norm MLP ------------------------------------------------------------
 
+def begin_batch(model, ids, mask):
+    """What the base model's pre-forward hook does at the start of a forward: build the batch's plans."""
+    from moebert_kernels.hf.patch import _begin_batch
+
+    _begin_batch(model.base_model, (), {"input_ids": ids, "attention_mask": mask})
+
+
 def test_modernbert_layer_with_one_expert_equals_the_stock_gated_mlp():
     model = tiny("modernbert", "Model")
     layer = model.layers[1]
@@ -202,7 +209,7 @@ def test_modernbert_layer_with_one_expert_equals_the_stock_gated_mlp():
     assert tuple(moe.w1.shape) == (1, 2 * FF, D) and tuple(moe.w2.shape) == (1, D, FF)
     assert isinstance(layer.mlp_norm, torch.nn.LayerNorm)  # the shared pre-norm stays the model's
     ids, mask = batch()
-    model._moebert_context.begin(ids, mask)  # what the base model's pre-forward hook does
+    begin_batch(model, ids, mask)
     x = torch.randn(3, 9, D, requires_grad=True)
     torch.testing.assert_close(moe(x), stock_mlp(x), rtol=1e-5, atol=1e-6)
     # The whole layer: h + mlp(mlp_norm(h)) with the residual and norm outside the MoE.
@@ -221,7 +228,7 @@ def test_modernbert_unpadded_hidden_states_route_by_the_kept_tokens_ids():
     mk.patch(model, num_experts=4, expert_size=16, shared=4, seed=5)
     ids, mask = batch()
     mask[2, 3:] = 0
-    model._moebert_context.begin(ids, mask)
+    begin_batch(model, ids, mask)
     layer = model.layers[0]
     hidden = torch.randn(3, 9, D)
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()  # as HF's _unpad_modernbert_input
@@ -238,7 +245,7 @@ def test_modernbert_unpadded_without_a_mask_says_what_is_wrong():
     model = tiny("modernbert", "Model")
     mk.patch(model, num_experts=4, expert_size=16, shared=4)
     ids, _ = batch()
-    model._moebert_context.begin(ids, None)
+    begin_batch(model, ids, None)
     with pytest.raises(ValueError, match="routing plan covers 27 tokens but hidden_states has 20"):
         model.layers[0].mlp(torch.randn(20, D))
 

@@ -15,10 +15,9 @@ first. Writing ``pre = W1 x + b1`` (per token t) and ``a = act(pre)``,
 where the sums run over example i's tokens and g_* = dL_i/d*. A gated FFN (ModernBERT:
 ``Wo (act(a) * g)``, ``[a; g] = Wi x``) has three weight groups per neuron, rows j and d_ff + j
 of Wi and column j of Wo; the sum inside the absolute value takes all three, the two Wi terms
-being ``sum_t g_pre[t, j] (pre[t, j] - b_j)`` over the a and the g halves of ``pre``.
-Tokens of different examples
-never mix in these encoders, so with L = sum_i L_i one backward pass gives every example's g_pre and
-g_a at once. Forward hooks keep ``pre`` (the output of fc1) and ``a`` (the input of fc2),
+being ``sum_t g_pre[t, j] (pre[t, j] - b_j)`` over the a and the g halves of ``pre``. Tokens of
+different examples never mix in these encoders, so with L = sum_i L_i one backward pass gives
+every example's g_pre and g_a at once. Forward hooks keep ``pre`` (the output of fc1) and ``a`` (the input of fc2),
 ``autograd.grad`` returns their gradients without touching parameter ``.grad``, and the two
 products are summed per example, made absolute and added up. Padding tokens get zero
 gradient (nothing attends to them and the loss reads [CLS] or the answer span only).
