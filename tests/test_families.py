@@ -137,6 +137,10 @@ def test_four_experts_forward_backward_and_save_load(family, tmp_path):
         torch.testing.assert_close(out_of(loaded, ids, mask), before, rtol=0, atol=0)
     for a, b in zip(mk.moe_layers(model), mk.moe_layers(loaded)):
         assert torch.equal(a.router.table, b.router.table)
+    auto = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()  # the Auto* route
+    assert auto.config.model_type == f"moebert_kernels_{family}" and len(mk.moe_layers(auto)) == L
+    with torch.no_grad():
+        torch.testing.assert_close(out_of(auto, ids, mask), before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["modernbert", "deberta-v2"])
