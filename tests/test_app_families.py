@@ -104,4 +104,4 @@ def test_demo_on_a_folder_of_every_family(family, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MoEBERT demo result" in out
     cfg = json.load(open(tmp_path / "work" / "student" / "config.json"))
-    assert cfg["model_type"] == family and cfg["moebert"]["num_experts"] == 4
+    assert cfg["model_type"] == f"moebert_kernels_{family}" and cfg["moebert"]["num_experts"] == 4
