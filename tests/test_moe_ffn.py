@@ -221,3 +221,136 @@ def test_device_mismatch_is_named():
     plan = RoutingPlan.from_expert_ids(ids, 2)
     with pytest.raises(ValueError, match="w2 is on meta"):
         moe_ffn(x, plan, w1, b1, w2.to("meta"), b2)
+
+
+# ---- gated experts (ModernBERT's GeGLU: act(a) * g) and absent biases ---------------------------
+
+def gated_per_token_loop(x, ids, w1, b1, w2, b2, gate=None, activation="geglu"):
+    """An independent oracle: y_t = W2 (act(a) * g) + b2 with [a; g] = W1 x_t + b1 split in halves."""
+    act = {"geglu": F.gelu, "geglu_tanh": lambda h: F.gelu(h, approximate="tanh"), "reglu": F.relu}[activation]
+    h = w2.shape[2]
+    rows = []
+    for t in range(x.shape[0]):
+        e = int(ids[t])
+        up = w1[e] @ x[t] + (b1[e] if b1 is not None else 0)
+        y = w2[e] @ (act(up[:h]) * up[h:]) + (b2[e] if b2 is not None else 0)
+        rows.append(y * gate[t] if gate is not None else y)
+    return torch.stack(rows) if rows else x.new_zeros(0, w2.shape[1])
+
+
+def make_gated(T, d, h, E, dtype=torch.float64, ids=None, gate=False, bias=True):
+    x, ids, w1, b1, w2, b2, g = make(T, d, 2 * h, E, dtype=dtype, ids=ids, gate=gate)
+    w2 = w2[:, :, :h] * 2**0.5
+    return (x, ids, w1, b1 if bias else None, w2.contiguous(), b2 if bias else None, g)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gated_matches_loop(case, bias, dtype, tol, threads):
+    c = CASES[case]
+    T, E = c["T"], c["E"]
+    x, ids, w1, b1, w2, b2, g = make_gated(T, 24, 20, E, dtype, c["ids"](T) if "ids" in c else None, True, bias)
+    plan = RoutingPlan.from_expert_ids(ids, E)
+    out = moe_ffn(x, plan, w1, b1, w2, b2, g, activation="geglu")
+    d64 = lambda t: t.double() if t is not None else None  # noqa: E731
+    ref = gated_per_token_loop(d64(x), ids, d64(w1), d64(b1), d64(w2), d64(b2), d64(g))
+    assert out.dtype == dtype and rel(out, ref) < tol
+    assert rel(moe_ffn_reference(x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, g, "geglu"),
+               ref) < tol
+
+
+@pytest.mark.parametrize("activation", ["geglu_tanh", "reglu"])
+def test_gated_other_activations(activation):
+    x, ids, w1, b1, w2, b2, _ = make_gated(19, 16, 12, 4)
+    out = moe_ffn(x, RoutingPlan.from_expert_ids(ids, 4), w1, b1, w2, b2, activation=activation)
+    assert rel(out, gated_per_token_loop(x, ids, w1, b1, w2, b2, activation=activation)) < 1e-12
+
+
+def test_geglu_is_exact_erf_gelu_times_g():
+    x, ids, w1, b1, w2, b2, _ = make_gated(30, 16, 12, 2)
+    w1 = w1 * 4  # large pre-activations: erf and tanh GELU differ visibly
+    plan = RoutingPlan.from_expert_ids(ids, 2)
+    out = moe_ffn(x, plan, w1, b1, w2, b2, activation="geglu")
+    erf = gated_per_token_loop(x, ids, w1, b1, w2, b2, activation="geglu")
+    tanh = gated_per_token_loop(x, ids, w1, b1, w2, b2, activation="geglu_tanh")
+    assert rel(out, erf) < 1e-12 < rel(out, tanh)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("gate", [False, True])
+def test_gated_gradcheck(threads, bias, gate):
+    fixed = torch.tensor([0, 2, 0, 2, 2, 0, 0])  # expert 1 empty
+    x, ids, w1, b1, w2, b2, g = make_gated(7, 5, 4, 3, ids=fixed, gate=gate, bias=bias)
+    plan = RoutingPlan.from_expert_ids(ids, 3)
+    present = [t for t in (x, w1, b1, w2, b2, g) if t is not None]
+    for t in present:
+        t.requires_grad_()
+
+    def f(*leaves):
+        it = iter(leaves)
+        args = [next(it) if t is not None else None for t in (x, w1, b1, w2, b2, g)]
+        return moe_ffn(args[0], plan, *args[1:5], args[5], activation="geglu")
+
+    assert torch.autograd.gradcheck(f, present)
+
+
+def test_gated_opcheck_no_bias():
+    from torch.library import opcheck
+
+    x, ids, w1, _, w2, _, g = make_gated(11, 8, 6, 3, dtype=torch.float32, gate=True, bias=False)
+    plan = RoutingPlan.from_expert_ids(ids, 3)
+    args = (x.clone().requires_grad_(), plan.sorted_token_ids, plan.expert_offsets, w1.clone().requires_grad_(),
+            None, w2.clone().requires_grad_(), None, g.clone().requires_grad_(), "geglu", "torch", True)
+    opcheck(torch.ops.moebert.moe_ffn_fwd.default, args)
+    bwd = (torch.randn(11, 8), x, plan.sorted_token_ids, plan.expert_offsets, w1, None, w2, None, g, x.new_empty(0),
+           "geglu", "torch", [True] * 6)
+    opcheck(torch.ops.moebert.moe_ffn_bwd.default, bwd)
+
+
+def test_gated_poisoned_outputs_are_overwritten(monkeypatch):
+    """The torch backend allocates its outputs with new_empty; NaN-fill them and check nothing leaks."""
+    import sys
+
+    backend = sys.modules["moebert_kernels.ops.moe_ffn"]
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *s, **k: real(self, *s, **k).fill_(float("nan")))
+    x, ids, w1, _, w2, _, g = make_gated(20, 8, 6, 4, ids=torch.tensor([0, 1, 3] * 6 + [0, 1]), gate=True,
+                                         bias=False)
+    plan = RoutingPlan.from_expert_ids(ids, 4)
+    out, hidden = backend.moe_ffn_forward(x, plan.sorted_token_ids, plan.expert_offsets, w1, None, w2, None, g,
+                                          "geglu", True)
+    assert torch.isfinite(out).all() and torch.isfinite(hidden).all() and hidden.shape == (20, 12)
+    grads = backend.moe_ffn_backward(torch.randn(20, 8), x, plan.sorted_token_ids, plan.expert_offsets, w1, None,
+                                     w2, None, g, hidden, "geglu", [True] * 6)
+    for name, t in zip(("x", "w1", "w2", "gate"), (grads[0], grads[1], grads[3], grads[5])):
+        assert torch.isfinite(t).all(), name
+    assert grads[2].numel() == 0 and grads[4].numel() == 0
+
+
+GATED_BAD = [
+    (lambda a: a.update(w1=a["w1"][:, :-1]), "odd row count"),
+    (lambda a: a.update(w2=torch.randn(4, 8, 12)), "gated"),
+    (lambda a: a.update(b1=torch.randn(4, 6)), "b1"),
+]
+
+
+@pytest.mark.parametrize("mutate,msg", GATED_BAD)
+def test_gated_bad_shapes_are_named(mutate, msg):
+    x, ids, w1, b1, w2, b2, _ = make_gated(10, 8, 6, 4, dtype=torch.float32)
+    args = dict(x=x, plan=RoutingPlan.from_expert_ids(ids, 4), w1=w1, b1=b1, w2=w2, b2=b2, activation="geglu")
+    mutate(args)
+    with pytest.raises(ValueError, match=msg):
+        moe_ffn(**args)
+
+
+def test_cuda_backend_declines_gated_and_biasless_calls():
+    from moebert_kernels.ops import BackendUnavailableError, select_backend
+    from moebert_kernels.ops.moe_ffn import needed_features
+
+    assert needed_features(None, None, "geglu") == ("gated", "no_bias")
+    assert needed_features(torch.zeros(1), torch.zeros(1), "gelu") == ()
+    for needs, missing in ((("gated",), "gated"), (("no_bias",), "no_bias")):
+        with pytest.raises(BackendUnavailableError, match=f"cuda backend of moe_ffn does not implement {missing}"):
+            select_backend("moe_ffn", "cuda", "cuda", needs=needs)
+    assert select_backend("moe_ffn", "cpu", needs=("gated", "no_bias")) == "torch"

@@ -45,7 +45,8 @@ def poison(monkeypatch):
     return calls
 
 
-def make_case(T, d, h, E, dtype=torch.float32, gate=True, routing="random", seed=0, d_out=None):
+def make_case(T, d, h, E, dtype=torch.float32, gate=True, routing="random", seed=0, d_out=None, gated=False,
+              bias=True):
     g = torch.Generator().manual_seed(seed)
     d_out = d if d_out is None else d_out
 
@@ -53,8 +54,11 @@ def make_case(T, d, h, E, dtype=torch.float32, gate=True, routing="random", seed
         return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
 
     x = rnd(T, d)
-    w1, b1 = rnd(E, h, d, scale=d ** -0.5), rnd(E, h, scale=0.5)
+    h_up = 2 * h if gated else h  # gated: a rows, then g rows
+    w1, b1 = rnd(E, h_up, d, scale=d ** -0.5), rnd(E, h_up, scale=0.5)
     w2, b2 = rnd(E, d_out, h, scale=h ** -0.5), rnd(E, d_out, scale=0.5)
+    if not bias:
+        b1 = b2 = None
     gt = (torch.rand(T, generator=g) + 0.1).to(dtype).to(DEVICE) if gate else None
     if routing == "random":
         ids = torch.randint(0, E, (T,), generator=g)
@@ -69,16 +73,19 @@ def make_case(T, d, h, E, dtype=torch.float32, gate=True, routing="random", seed
     return [x, w1, b1, w2, b2, gt], plan
 
 
+def _with_nones(leaves, grads):
+    """The grads of the present leaves, with None where a leaf (gate, bias) is absent."""
+    it = iter(grads)
+    return [next(it) if t is not None else None for t in leaves]
+
+
 def reference(inputs, plan, grad_out, activation="gelu"):
-    """Output and all six grads in float64 (None for an absent gate)."""
+    """Output and all six grads in float64 (None for an absent gate or bias)."""
     leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
     out = moe_ffn_reference(leaves[0], plan.sorted_token_ids, plan.expert_offsets, *leaves[1:5], leaves[5],
                             activation)
     present = [t for t in leaves if t is not None]
-    grads = list(torch.autograd.grad(out, present, grad_out.double()))
-    if leaves[5] is None:
-        grads.append(None)
-    return out.detach(), grads
+    return out.detach(), _with_nones(leaves, torch.autograd.grad(out, present, grad_out.double()))
 
 
 def rel_err(a, b):
@@ -97,10 +104,7 @@ def run_public(inputs, plan, grad_out, activation="gelu"):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
     out = ops.moe_ffn(leaves[0], plan, *leaves[1:5], gate=leaves[5], activation=activation, backend="triton")
     present = [t for t in leaves if t is not None]
-    grads = list(torch.autograd.grad(out, present, grad_out))
-    if leaves[5] is None:
-        grads.append(None)
-    return out, grads
+    return out, _with_nones(leaves, torch.autograd.grad(out, present, grad_out))
 
 
 # (T, d, h, E, routing, gate): T/d/h off the 16/32-wide interpreter tiles on purpose.
@@ -288,6 +292,80 @@ def test_no_host_sync_in_the_triton_path():
         assert not re.search(r"\.item\(\)|\.tolist\(\)|\.cpu\(\)|\.numpy\(\)", code), name
 
 
+# ---- gated experts (ModernBERT: act(a) * g, optional biases) -----------------------------------
+
+GATED_CASES = {k: CASES[k] for k in ("basic", "empty_expert", "T1", "one_expert_holds_all", "E1", "E8")}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(GATED_CASES))
+def test_gated_forward_and_grads_match_reference(case, dtype, bias, poison):
+    T, d, h, E, routing, gate = GATED_CASES[case]
+    inputs, plan = make_case(T, d, h, E, dtype, gate, routing, seed=20 + list(CASES).index(case), gated=True,
+                             bias=bias)
+    grad_out = torch.randn(T, d, dtype=dtype, device=DEVICE)
+    want_out, want_grads = reference(inputs, plan, grad_out, "geglu")
+    poison.clear()
+    out, grads = run_public(inputs, plan, grad_out, "geglu")
+    assert poison
+    check("out", out, want_out, TOL[dtype])
+    for name, g, w in zip(NAMES, grads, want_grads):
+        if w is None:
+            assert g is None, name
+            continue
+        check(f"d{name}", g, w, TOL[dtype])
+
+
+@pytest.mark.parametrize("activation", ["geglu_tanh", "reglu"])
+def test_gated_other_activations(activation):
+    inputs, plan = make_case(37, 40, 24, 4, torch.float32, True, seed=30, gated=True)
+    grad_out = torch.randn(37, 40, device=DEVICE)
+    want_out, want_grads = reference(inputs, plan, grad_out, activation)
+    out, grads = run_public(inputs, plan, grad_out, activation)
+    check("out", out, want_out, TOL[torch.float32])
+    for name, g, w in zip(NAMES, grads, want_grads):
+        check(f"d{name}", g, w, TOL[torch.float32])
+
+
+def test_gated_backend_direct_recompute_and_partial_needs():
+    inputs, plan = make_case(37, 40, 24, 4, torch.float32, True, seed=31, gated=True, bias=False)
+    x, w1, b1, w2, b2, gate = inputs
+    tok, off = plan.sorted_token_ids, plan.expert_offsets
+    grad_out = torch.randn(37, 40, device=DEVICE)
+    want_out, want = reference(inputs, plan, grad_out, "geglu")
+    out, hidden = tm.moe_ffn_forward(x, tok, off, w1, b1, w2, b2, gate, "geglu", True)
+    check("out", out, want_out, 2e-5)
+    pre = torch.cat([x[tok[off[e]:off[e + 1]]].double() @ w1[e].double().t() for e in range(4)])
+    check("hidden ([T, 2h]: a, then g; expert order)", hidden, pre, 2e-5)
+    for needs, saved in (("111111", x.new_empty(0)), ("100000", hidden), ("010100", x.new_empty(0)),
+                         ("000001", hidden)):
+        needs = [c == "1" for c in needs]
+        grads = tm.moe_ffn_backward(grad_out, x, tok, off, w1, b1, w2, b2, gate, saved, "geglu", needs)
+        assert grads[2].numel() == 0 and grads[4].numel() == 0  # no biases: empty grad slots
+        for name, need, g, w in zip(NAMES, needs, grads, want):
+            if need and w is not None:
+                check(f"d{name} (needs={needs}, saved={saved.numel() > 0})", g, w, 2e-5)
+
+
+def test_gated_bf16_upcast_path_tiny():
+    inputs, plan = make_case(21, 16, 32, 2, torch.bfloat16, True, seed=32, gated=True)
+    grad_out = torch.randn(21, 16, dtype=torch.bfloat16, device=DEVICE)
+    want_out, want = reference(inputs, plan, grad_out, "geglu")
+    out, grads = run_public(inputs, plan, grad_out, "geglu")
+    check("out", out, want_out, TOL[torch.bfloat16])
+    for name, g, w in zip(NAMES, grads, want):
+        check(f"d{name}", g, w, TOL[torch.bfloat16])
+
+
+def test_gated_opcheck(monkeypatch):
+    monkeypatch.setattr(tm, "_empty", lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+    inputs, plan = make_case(9, 16, 16, 2, torch.float32, True, seed=33, gated=True, bias=False)
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
+    args = (leaves[0], plan.sorted_token_ids, plan.expert_offsets, *leaves[1:], "geglu", "triton", True)
+    torch.library.opcheck(torch.ops.moebert.moe_ffn_fwd.default, args)
+
+
 # ---- compiled for sm_80 and sm_90 without a GPU: catches what the interpreter cannot ----------
 
 # Runs in a fresh interpreter: with TRITON_INTERPRET=1 set at import, triton.jit hands back
@@ -333,20 +411,21 @@ def variants(kind, dtype, cfg, everything):
     prec = "ieee" if dtype == torch.float32 else "tf32"
     blk = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, E_POW2=4, UPCAST=False, PRECISION=prec)
     if kind == "gemm":
-        out = [("up", K._moe_ffn_up_kernel, dict(ACTIVATION=0, STORE_ACT=True, STORE_H=True, stride_wk=1,
-                                                  EVEN_K=True, **blk), True)]
+        out = [("up", K._moe_ffn_up_kernel, dict(ACTIVATION=0, GATED=False, HAS_BIAS=True, STORE_ACT=True,
+                                                  STORE_H=True, stride_wk=1, EVEN_K=True, **blk), True)]
         more = [
-            ("bwd_hidden", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=1, HAS_GATE=True, STORE_DH=True,
-             STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, **blk), True),
+            ("bwd_hidden", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=1, GATED=False, B2_DOT=True, HAS_GATE=True,
+             STORE_DH=True, STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, **blk), True),
             ("down_fwd", K._moe_ffn_down_kernel, dict(HAS_BIAS=True, HAS_GATE=True, HAS_ADD=False, stride_wk=1,
              EVEN_K=True, **blk), True),
             ("down_dx_oddK", K._moe_ffn_down_kernel, dict(HAS_BIAS=False, HAS_GATE=False, HAS_ADD=True, stride_wn=1,
              EVEN_K=False,
              **blk), False),
-            ("up_oddK_tf32", K._moe_ffn_up_kernel, dict(ACTIVATION=2, STORE_ACT=True, STORE_H=False, stride_wk=1,
-             EVEN_K=False, **dict(blk, PRECISION="tf32")), False),
-            ("bwd_hidden_min", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=2, HAS_GATE=False, STORE_DH=True,
-             STORE_ACT=False, DGATE=False, STORE_DB=False, stride_wn=1, EVEN_K=False, **blk), False),
+            ("up_oddK_tf32", K._moe_ffn_up_kernel, dict(ACTIVATION=2, GATED=False, HAS_BIAS=True, STORE_ACT=True,
+             STORE_H=False, stride_wk=1, EVEN_K=False, **dict(blk, PRECISION="tf32")), False),
+            ("bwd_hidden_min", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=2, GATED=False, B2_DOT=False,
+             HAS_GATE=False, STORE_DH=True, STORE_ACT=False, DGATE=False, STORE_DB=False, stride_wn=1, EVEN_K=False,
+             **blk), False),
         ]
     else:
         out = [("dw2", K._moe_ffn_dw_kernel, dict(L_GATHER=True, L_GATE=True, R_GATHER=False, LOAD_TOK=True,
@@ -396,10 +475,24 @@ for arch in (90, 80):
                 assert "wgmma" in ptx, ("no Hopper wgmma", name, cfg)
     build(K._moe_ffn_dw_reduce_kernel, dict(E_POW2=4, BLOCK=tm._REDUCE_BLOCK), "bf16", tm.MoEFFNConfig(16, 16, 16, 4, 3),
           arch)
+# Gated experts (ModernBERT's GeGLU, no biases): up and bwd-hidden kernels at the largest tiles, both archs.
+for arch in (90, 80):
+    for dtype in (torch.bfloat16, torch.float32):
+        cfg = largest[("gemm", dtype)]
+        prec = "ieee" if dtype == torch.float32 else "tf32"
+        blk = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, E_POW2=4, UPCAST=False,
+                   PRECISION=prec)
+        k = build(K._moe_ffn_up_kernel, dict(ACTIVATION=0, GATED=True, HAS_BIAS=False, STORE_ACT=True, STORE_H=True,
+                  stride_wk=1, EVEN_K=True, **blk), TY[dtype], cfg, arch)
+        if dtype != torch.float32:
+            assert "cp.async" in k.asm["ptx"], ("gated up: operand loads are not pipelined", cfg, arch)
+        build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, GATED=True, B2_DOT=False, HAS_GATE=True, STORE_DH=True,
+              STORE_ACT=True, DGATE=True, STORE_DB=False, stride_wn=1, EVEN_K=True, **blk), TY[dtype], cfg, arch)
+        n += 2
 # E == 1 and T == 1 become constexpr 1 under the JIT's specialization.
-build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, HAS_GATE=True, STORE_DH=True, STORE_ACT=True, DGATE=True,
-      STORE_DB=True, stride_wn=1, EVEN_K=True, E=1, T=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, E_POW2=2,
-      UPCAST=False, PRECISION="tf32"), "bf16", tm.MoEFFNConfig(16, 64, 128, 4, 4), 90)
+build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, GATED=False, B2_DOT=True, HAS_GATE=True, STORE_DH=True,
+      STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, E=1, T=1, BLOCK_M=16, BLOCK_N=64,
+      BLOCK_K=128, E_POW2=2, UPCAST=False, PRECISION="tf32"), "bf16", tm.MoEFFNConfig(16, 64, 128, 4, 4), 90)
 print(n + 3, "compiled ok")
 """
 
@@ -468,6 +561,20 @@ def test_cuda_graph_capture_of_patched_bert():
             eager = model(input_ids=new.clone()).last_hidden_state
             torch.cuda.synchronize()
             assert torch.allclose(static_out, eager, atol=1e-5, rtol=1e-5)
+
+
+@requires_gpu
+@pytest.mark.parametrize("T", [1024, 8192])
+def test_gated_bf16_modernbert_sizes(T):
+    # ModernBERT-base: d=768, intermediate 1152 (Wi 2304 x 768), no biases; 4 experts of 288.
+    inputs, plan = make_case(T, 768, 288, 4, torch.bfloat16, False, seed=14, gated=True, bias=False)
+    grad_out = torch.randn(T, 768, dtype=torch.bfloat16, device=DEVICE)
+    want_out, want = reference(inputs, plan, grad_out, "geglu")
+    out, grads = run_public(inputs, plan, grad_out, "geglu")
+    check("out", out, want_out, 2e-2)
+    for name, g, w in zip(NAMES, grads, want):
+        if w is not None:
+            check(f"d{name}", g, w, 3e-2)
 
 
 @requires_gpu

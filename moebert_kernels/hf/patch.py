@@ -1,15 +1,15 @@
-"""``patch(model)``: turn a Hugging Face BERT-family model into MoEBERT in place.
+"""``patch(model)``: turn a Hugging Face encoder into MoEBERT in place.
 
-Table-driven over ``config.model_type`` (``FAMILIES``); works on instances: the model keeps its
-class, its config becomes the family's MoE config class (``hf/auto.py``) so a saved student names
-moebert_kernels in its ``model_type``. Every argument is checked before the model is touched, so a
-bad call leaves the model as it was.
+Table-driven over ``config.model_type`` (``FAMILIES``: layer path and FFN style per family); works
+on instances: the model keeps its class, its config becomes the family's MoE config class
+(``hf/auto.py``) so a saved student names moebert_kernels in its ``model_type``. Every argument is
+checked before the model is touched, so a bad call leaves the model as it was.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +18,84 @@ from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
 from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, RoutingState, SentenceGate, TokenGate
 from ..ops.dispatch import BACKENDS
 
-__all__ = ["FAMILIES", "MoEBertSettings", "SUPPORTED_MODEL_TYPES", "aux_loss", "default_expert_sizes",
-           "expert_neuron_ids", "family_of", "moe_layers", "patch"]
+__all__ = ["FAMILIES", "MoEBertSettings", "SUPPORTED_CLASSES", "SUPPORTED_MODEL_TYPES", "aux_loss",
+           "default_expert_sizes", "dense_ffn_linears", "expert_neuron_ids", "family_of", "moe_layers", "patch"]
 
 # HF activation name -> moe_ffn activation.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                 "relu": "relu"}
+# moe_ffn activation -> its gated form act(a) * g, for gated FFNs (ModernBERT's GeGLU).
+_GATED = {"gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
+
+
+@dataclass(frozen=True)
+class _DenseFFN:
+    """One dense layer's FFN as ``patch`` reads it; ``w1`` is ``[2 d_ff, d]`` (a rows, then g rows) when gated."""
+
+    w1: Tensor
+    b1: Optional[Tensor]
+    w2: Tensor
+    b2: Optional[Tensor]
+    ln_weight: Optional[Tensor]  # the post-FFN LayerNorm each expert copies; None for pre-norm
+    ln_bias: Optional[Tensor]
+    ln_eps: float
+    dropout: float
+
+    @property
+    def d_ff(self) -> int:
+        return self.w2.shape[1]
+
+
+@dataclass(frozen=True)
+class FFNStyle:
+    """How a layer holds its FFN: attribute paths from the layer to its parts, and where the MoE goes.
+
+    ``norm``: "fused" (the MoE does residual + expert LayerNorm), "deferred" (the model's own
+    LayerNorm module is replaced by the experts'), "none" (pre-norm: norm and residual stay the model's).
+    ``gated``: the up projection holds 2 d_ff rows, a then g, and the FFN is down(act(a) * g).
+    """
+
+    up: str
+    down: str
+    layer_norm: Optional[str]  # the post-FFN LayerNorm every expert copies
+    dropout: str
+    install: Callable[[nn.Module, MoEFeedForward], None]
+    norm: str
+    gated: bool = False
+
+    def linears(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        return _get(layer, self.up), _get(layer, self.down)
+
+    def read(self, layer: nn.Module) -> _DenseFFN:
+        up, down = self.linears(layer)
+        ln = _get(layer, self.layer_norm) if self.layer_norm else None
+        return _DenseFFN(up.weight, up.bias, down.weight, down.bias, None if ln is None else ln.weight,
+                         None if ln is None else ln.bias, ln.eps if ln is not None else 0.0,
+                         _get(layer, self.dropout).p)
+
+
+def _install_post_norm(layer, moe):
+    layer.intermediate = nn.Identity()
+    layer.output = moe  # called as output(hidden, input_tensor): residual + expert LayerNorm inside
+    if hasattr(layer, "chunk_size_feed_forward"):
+        layer.chunk_size_feed_forward = 0  # chunking would split a batch's routing plan
+
+
+def _install_distilbert(layer, moe):
+    layer.ffn = moe
+    layer.output_layer_norm = DeferredExpertLayerNorm(moe)
+
+
+def _install_gated_pre_norm(layer, moe):
+    layer.mlp = moe  # h + mlp(mlp_norm(h)): the norm and the residual add stay the model's
+
+
+POST_NORM = FFNStyle("intermediate.dense", "output.dense", "output.LayerNorm", "output.dropout",
+                     _install_post_norm, norm="fused")
+DISTILBERT = FFNStyle("ffn.lin1", "ffn.lin2", "output_layer_norm", "ffn.dropout", _install_distilbert,
+                      norm="deferred")
+# ModernBERT applies its dropout to act(a) * g; the MoE applies it to the FFN output (default p = 0).
+GATED_PRE_NORM = FFNStyle("mlp.Wi", "mlp.Wo", None, "mlp.drop", _install_gated_pre_norm, norm="none", gated=True)
 
 
 @dataclass(frozen=True)
@@ -31,7 +103,8 @@ class Family:
     model_type: str  # the dense model's config.model_type
     prefix: str  # transformers class names: f"{prefix}Config", f"{prefix}Model", f"{prefix}For<Task>"
     layers: str  # attribute path from the base model to the layer list
-    style: str  # "bert": intermediate/output pair; "distilbert": ffn + output_layer_norm
+    style: FFNStyle
+    activation: str = "hidden_act"  # the config attribute naming the FFN activation
 
     @property
     def moe_model_type(self) -> str:
@@ -40,11 +113,17 @@ class Family:
 
 
 FAMILIES = (
-    Family("bert", "Bert", "encoder.layer", "bert"),
-    Family("roberta", "Roberta", "encoder.layer", "bert"),
-    Family("distilbert", "DistilBert", "transformer.layer", "distilbert"),
+    Family("bert", "Bert", "encoder.layer", POST_NORM),  # MiniLM-style checkpoints too
+    Family("roberta", "Roberta", "encoder.layer", POST_NORM),
+    Family("distilbert", "DistilBert", "transformer.layer", DISTILBERT, "activation"),
+    Family("deberta-v2", "DebertaV2", "encoder.layer", POST_NORM),  # DeBERTa-v2 and v3; LayerNorm eps 1e-7
+    Family("electra", "Electra", "encoder.layer", POST_NORM),
+    Family("xlm-roberta", "XLMRoberta", "encoder.layer", POST_NORM),
+    Family("camembert", "Camembert", "encoder.layer", POST_NORM),
+    Family("modernbert", "ModernBert", "layers", GATED_PRE_NORM, "hidden_activation"),  # mmBERT, Ettin too
 )
 SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in FAMILIES)
+SUPPORTED_CLASSES = ", ".join(f"{f.prefix}Model/{f.prefix}For*" for f in FAMILIES)
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in (f.model_type, f.moe_model_type)}
 
 
@@ -124,21 +203,21 @@ def _base_and_family(model: nn.Module):
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if family_of(model_type) is None:
-        classes = ", ".join(f"{f.prefix}Model/{f.prefix}For*" for f in FAMILIES)
         raise ValueError(f"moebert_kernels.patch supports model types {list(SUPPORTED_MODEL_TYPES)} "
-                         f"({classes}); got {model_type!r} ({type(model).__name__})")
+                         f"({SUPPORTED_CLASSES}); got {model_type!r} ({type(model).__name__})")
     base = getattr(model, "base_model", model)
     return base, family_of(model_type), config
 
 
-def _dense_ffn(layer: nn.Module, style: str):
-    """(w1 [d_ff, d], b1, w2 [d, d_ff], b2, ln_weight, ln_bias, ln_eps, dropout_p) of one dense layer."""
-    if style == "bert":
-        fc1, out = layer.intermediate.dense, layer.output
-        return fc1.weight, fc1.bias, out.dense.weight, out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias, \
-            out.LayerNorm.eps, out.dropout.p
-    ffn, ln = layer.ffn, layer.output_layer_norm
-    return ffn.lin1.weight, ffn.lin1.bias, ffn.lin2.weight, ffn.lin2.bias, ln.weight, ln.bias, ln.eps, ffn.dropout.p
+def dense_ffn_linears(model: nn.Module) -> tuple[list[tuple[nn.Linear, nn.Linear]], bool]:
+    """``([(up, down) per layer], gated)`` of a dense model of a supported family.
+
+    Gated (ModernBERT): ``up`` has ``2 d_ff`` rows; neuron j is rows j and d_ff + j of it and column j of ``down``.
+    """
+    base, family, _ = _base_and_family(model)
+    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+        raise ValueError("this model is already patched with MoEFeedForward layers; a dense model is needed")
+    return [family.style.linears(layer) for layer in _get(base, family.layers)], family.style.gated
 
 
 def _make_router(kind: str, config, d: int, E: int, seed: int, token_counts: Optional[Tensor]):
@@ -155,11 +234,10 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
           importance: Optional[Tensor] = None, router: str = "hash", seed: int = 0,
           token_counts: Optional[Tensor] = None, backend: Optional[str] = None, aux_loss_coef: float = 0.0,
           _from_checkpoint: bool = False, tie_shared: bool = False) -> nn.Module:
-    """Replace every layer's FFN of a HF BERT/RoBERTa/DistilBERT model with ``MoEFeedForward``.
+    """Replace every layer's FFN of a HF encoder with ``MoEFeedForward``.
 
     Args:
-        model: a stock HF model (``BertModel``, ``BertFor*``, ``RobertaModel``, ``RobertaFor*``,
-            ``DistilBert*``; MiniLM-style checkpoints are BERT).
+        model: a stock HF model of a family in ``FAMILIES`` (base model or ``*For*`` head).
         num_experts, expert_size, shared: MoEBERT's N, expert width and shared neurons; the sizes
             default to ``default_expert_sizes(d_ff)`` (d_ff/4 and 2/3 of that: 768/512 for BERT-base).
         importance: ``[L, d_ff]`` neuron importance (see ``expert_neuron_ids``); None keeps the dense order.
@@ -202,12 +280,13 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
                              f"got {tuple(torch.as_tensor(token_counts).shape)}")
     elif router == "balanced_hash" and not _from_checkpoint:
         raise ValueError("router='balanced_hash' needs token_counts=[vocab_size] token frequencies")
-    hf_act = getattr(config, "hidden_act", getattr(config, "activation", None))
+    hf_act = getattr(config, family.activation, None)
     if hf_act not in _ACTIVATIONS:
         raise ValueError(f"activation {hf_act!r} is not supported; supported: {list(_ACTIVATIONS)}")
-    activation = _ACTIVATIONS[hf_act]
-    dense = [_dense_ffn(layer, family.style) for layer in layers]
-    d_ff, d = dense[0][0].shape
+    style = family.style
+    activation = _GATED[_ACTIVATIONS[hf_act]] if style.gated else _ACTIVATIONS[hf_act]
+    dense = [style.read(layer) for layer in layers]
+    d_ff, d = dense[0].d_ff, dense[0].w2.shape[0]
     expert_size, shared = default_expert_sizes(d_ff, expert_size, shared)
     _check_sizes(d_ff, num_experts, expert_size, shared)
     if importance is not None:
@@ -219,26 +298,27 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
             raise ValueError("importance holds NaN or inf")
     neuron_ids = [expert_neuron_ids(None if importance is None else importance[i], d_ff, num_experts, expert_size,
                                     shared) for i in range(len(layers))]
+    if tie_shared and shared and (style.gated or dense[0].b1 is None):
+        raise ValueError(f"tie_shared=True is not implemented yet for {config.model_type}'s "
+                         f"{'gated' if style.gated else 'bias-free'} FFN; use tie_shared=False")
     from .auto import moe_config_class  # auto.py builds its classes from this file's table
 
     # Everything is checked: from here on the model changes.
     tied = shared if tie_shared else 0
     routing = RoutingState()
-    for i, (layer, (w1, b1, w2, b2, lnw, lnb, eps, p)) in enumerate(zip(layers, dense)):
+    for i, (layer, ffn) in enumerate(zip(layers, dense)):
+        w1 = ffn.w1
         r = _make_router(router, config, d, num_experts, seed + i, token_counts)
         moe = MoEFeedForward(d, expert_size - tied, num_experts, router=r.to(w1.device), activation=activation,
-                             dropout=p, layer_norm_eps=eps, layer_idx=i, fuse_norm=family.style == "bert",
-                             backend=backend, device=w1.device, dtype=w1.dtype, shared_size=tied)
-        moe.load_dense(w1.detach(), b1.detach(), w2.detach(), b2.detach(), lnw.detach(), lnb.detach(), neuron_ids[i])
+                             dropout=ffn.dropout, layer_norm_eps=ffn.ln_eps, layer_idx=i,
+                             fuse_norm=style.norm == "fused", expert_norm=style.norm != "none",
+                             bias=ffn.b1 is not None, backend=backend, device=w1.device, dtype=w1.dtype,
+                             shared_size=tied)
+        moe.load_dense(*(None if t is None else t.detach() for t in (ffn.w1, ffn.b1, ffn.w2, ffn.b2, ffn.ln_weight,
+                                                                       ffn.ln_bias)), neuron_ids[i])
         moe.train(layer.training)  # new modules start in train mode; keep the model's mode
         object.__setattr__(moe, "_routing", routing)  # a reference, not a submodule: the base model owns it
-        if family.style == "bert":
-            layer.intermediate = nn.Identity()
-            layer.output = moe
-            layer.chunk_size_feed_forward = 0  # chunking would split a batch's routing plan
-        else:
-            layer.ffn = moe
-            layer.output_layer_norm = DeferredExpertLayerNorm(moe)
+        style.install(layer, moe)
 
     base.moebert_routing = routing  # parameter-less: the state dict keys stay those of the checkpoint
     base.register_forward_pre_hook(_begin_batch, with_kwargs=True)

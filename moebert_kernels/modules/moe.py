@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..ops import moe_ffn
 from ..ops.expert_layer_norm import expert_layer_norm
-from ..ops.moe_ffn import ACTIVATIONS
+from ..ops.moe_ffn import ACTIVATIONS, GATED_ACTIVATIONS
 from ..ops.routing import RoutingPlan
 from .routers import HashRouter, RoutingState, SentenceGate, TokenGate
 
@@ -30,19 +30,23 @@ class MoEFeedForward(nn.Module):
         expert_size: h, the width of each expert.
         num_experts: E.
         router: a router from ``modules.routers``; None means the caller passes ``plan=``.
-        activation: ``"gelu"`` (exact erf, BERT), ``"gelu_tanh"`` or ``"relu"``.
+        activation: ``"gelu"`` (exact erf, BERT), ``"gelu_tanh"``, ``"relu"``, or a gated form
+            ``"geglu"``/``"geglu_tanh"``/``"reglu"`` (act(a) * g; w1 is then ``[E, 2h, d]``).
         dropout: applied to the FFN output before the residual add.
         layer_norm_eps: BERT uses 1e-12.
         layer_idx: which layer's plan to take from the model's ``RoutingState``.
         fuse_norm: False returns ``dropout(ffn(x))`` and leaves the residual LayerNorm to
             a ``DeferredExpertLayerNorm`` (DistilBERT applies it outside its FFN).
+        expert_norm: False: no per-expert LayerNorm at all, the module is ``dropout(ffn(x))``
+            (pre-norm models such as ModernBERT keep their shared norm and residual outside).
+        bias: False: no b1/b2 (ModernBERT's default).
         backend: force a backend for this module; None lets the dispatch decide.
         shared_size: s, the width of a shared FFN tied across experts (0: none). A token then
             uses s + h neurons.
 
-    Parameters are stacked over experts: ``w1 [E, h, d]``, ``b1 [E, h]``,
-    ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``; with a shared FFN also
-    ``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``.
+    Parameters are stacked over experts: ``w1 [E, h, d]`` (``[E, 2h, d]`` gated: a rows, then g rows),
+    ``b1 [E, h]`` (``[E, 2h]``), ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``; with a
+    shared FFN also ``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``.
     After each forward, ``aux_loss`` holds the gate's load-balancing loss (None for hash routers).
     """
 
@@ -57,6 +61,8 @@ class MoEFeedForward(nn.Module):
         layer_norm_eps: float = 1e-12,
         layer_idx: int = 0,
         fuse_norm: bool = True,
+        expert_norm: bool = True,
+        bias: bool = True,
         backend: Optional[str] = None,
         device=None,
         dtype=None,
@@ -74,13 +80,17 @@ class MoEFeedForward(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.hidden_size, self.expert_size, self.num_experts = d, h, E
         self.activation, self.layer_norm_eps, self.layer_idx = activation, layer_norm_eps, layer_idx
-        self.fuse_norm, self.backend = fuse_norm, backend
-        self.w1 = nn.Parameter(torch.empty(E, h, d, **kw))
-        self.b1 = nn.Parameter(torch.empty(E, h, **kw))
+        self.fuse_norm, self.expert_norm, self.backend = fuse_norm and expert_norm, expert_norm, backend
+        self.gated = activation in GATED_ACTIVATIONS
+        h_up = 2 * h if self.gated else h
+        self.w1 = nn.Parameter(torch.empty(E, h_up, d, **kw))
+        self.b1 = nn.Parameter(torch.empty(E, h_up, **kw)) if bias else None
         self.w2 = nn.Parameter(torch.empty(E, d, h, **kw))
-        self.b2 = nn.Parameter(torch.empty(E, d, **kw))
-        self.ln_weight = nn.Parameter(torch.ones(E, d, **kw))
-        self.ln_bias = nn.Parameter(torch.zeros(E, d, **kw))
+        self.b2 = nn.Parameter(torch.empty(E, d, **kw)) if bias else None
+        self.ln_weight = nn.Parameter(torch.ones(E, d, **kw)) if expert_norm else None
+        self.ln_bias = nn.Parameter(torch.zeros(E, d, **kw)) if expert_norm else None
+        if shared_size and (self.gated or not bias):
+            raise ValueError("a tied shared FFN (shared_size > 0) is implemented for ungated FFNs with biases only")
         self.shared_size = shared_size
         if shared_size:
             self.shared_w1 = nn.Parameter(torch.empty(shared_size, d, **kw))
@@ -100,22 +110,25 @@ class MoEFeedForward(nn.Module):
         for w, b, fan_in in ((self.w1, self.b1, self.hidden_size), (self.w2, self.b2, fan_in2)):
             bound = fan_in ** -0.5
             nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
         if self.shared_size:
             for w, fan_in in ((self.shared_w1, self.hidden_size), (self.shared_w2, fan_in2)):
                 nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)
             nn.init.uniform_(self.shared_b1, -self.hidden_size ** -0.5, self.hidden_size ** -0.5)
-        nn.init.ones_(self.ln_weight)
-        nn.init.zeros_(self.ln_bias)
+        if self.expert_norm:
+            nn.init.ones_(self.ln_weight)
+            nn.init.zeros_(self.ln_bias)
 
     @torch.no_grad()
-    def load_dense(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                   neuron_ids: Tensor) -> "MoEFeedForward":
+    def load_dense(self, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                   ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], neuron_ids: Tensor) -> "MoEFeedForward":
         """Copy slices of a dense FFN (``w1 [d_ff, d]``, ``w2 [d, d_ff]``) into the experts.
 
         ``neuron_ids [E, s + h]`` says which dense neurons each expert uses; with a shared FFN its
         first s columns (the same in every row) go to the shared FFN, the rest to the experts.
-        b2 and the LayerNorm are copied to every expert.
+        b2 and the LayerNorm are copied to every expert. Gated: ``w1 [2 d_ff, d]`` holds the a rows,
+        then the g rows, and neuron j is rows j and d_ff + j of w1 with column j of w2.
         """
         E, h, s = self.num_experts, self.expert_size, self.shared_size
         if tuple(neuron_ids.shape) != (E, s + h):
@@ -123,22 +136,31 @@ class MoEFeedForward(nn.Module):
         # (not checkable on meta tensors: HF builds models from checkpoints under a meta device)
         if s and neuron_ids.device.type != "meta" and not bool((neuron_ids[:, :s] == neuron_ids[:1, :s]).all()):
             raise ValueError(f"the first shared_size={s} neuron ids must be the same for every expert")
-        d_ff = w1.shape[0]
-        if tuple(w1.shape) != (d_ff, self.hidden_size) or tuple(w2.shape) != (self.hidden_size, d_ff):
-            raise ValueError(f"dense weights must be w1 [d_ff, d] and w2 [d, d_ff] with d={self.hidden_size}; "
-                             f"got {tuple(w1.shape)} and {tuple(w2.shape)}")
+        d_ff = w2.shape[1]
+        rows = 2 * d_ff if self.gated else d_ff
+        if tuple(w1.shape) != (rows, self.hidden_size) or tuple(w2.shape) != (self.hidden_size, d_ff):
+            raise ValueError(f"dense weights must be w1 [{'2 d_ff' if self.gated else 'd_ff'}, d] and w2 [d, d_ff] "
+                             f"with d={self.hidden_size}; got {tuple(w1.shape)} and {tuple(w2.shape)}")
+        for name, t, want in (("b1", b1, self.b1), ("b2", b2, self.b2), ("ln_weight", ln_weight, self.ln_weight),
+                              ("ln_bias", ln_bias, self.ln_bias)):
+            if (t is None) != (want is None):
+                raise ValueError(f"{name} is {'missing' if t is None else 'given'} but this module "
+                                 f"{'has' if want is not None else 'has no'} {name}")
         idx = neuron_ids.to(w1.device)
         if s:
             self.shared_w1.copy_(w1[idx[0, :s]])
             self.shared_b1.copy_(b1[idx[0, :s]])
             self.shared_w2.copy_(w2[:, idx[0, :s]])
             idx = idx[:, s:]
-        self.w1.copy_(w1[idx])
-        self.b1.copy_(b1[idx])
+        up = torch.cat([idx, idx + d_ff], dim=1) if self.gated else idx
+        self.w1.copy_(w1[up])
         self.w2.copy_(w2[:, idx].permute(1, 0, 2))
-        self.b2.copy_(b2.expand(E, -1))
-        self.ln_weight.copy_(ln_weight.expand(E, -1))
-        self.ln_bias.copy_(ln_bias.expand(E, -1))
+        if b1 is not None:
+            self.b1.copy_(b1[up])
+            self.b2.copy_(b2.expand(E, -1))
+        if ln_weight is not None:
+            self.ln_weight.copy_(ln_weight.expand(E, -1))
+            self.ln_bias.copy_(ln_bias.expand(E, -1))
         return self
 
     # -- routing ---------------------------------------------------------------------
@@ -152,7 +174,9 @@ class MoEFeedForward(nn.Module):
         router = self.router
         if isinstance(router, HashRouter):
             if input_ids is None and state is not None:
-                plan = state.plan(self.layer_idx, T)
+                plan = _kept_tokens_plan(state, self.layer_idx, T, hidden_states)
+                if plan is None:
+                    plan = state.plan(self.layer_idx, T)
             if plan is None:
                 if input_ids is None:
                     raise ValueError(
@@ -206,12 +230,14 @@ class MoEFeedForward(nn.Module):
         if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                x, *weights = (t.to(dt) for t in (x, *weights))
+                x, *weights = (None if t is None else t.to(dt) for t in (x, *weights))
                 shared = tuple(t if t is None else t.to(dt) for t in shared)
                 y = moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
         else:
             y = moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
         y = self.dropout(y).reshape(shape)
+        if not self.expert_norm:
+            return y
         if not self.fuse_norm:
             self._last_plan = plan
             return y
@@ -221,6 +247,20 @@ class MoEFeedForward(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, num_experts={self.num_experts}, "
                 f"shared_size={self.shared_size}, activation={self.activation!r}, layer_idx={self.layer_idx}")
+
+
+def _kept_tokens_plan(state: RoutingState, layer_idx: int, T: int, hidden_states: Tensor) -> Optional[RoutingPlan]:
+    """Unpadded hidden states ``[kept tokens, d]`` (ModernBERT's FlashAttention path in transformers 4.x):
+    the batch's plan restricted to the tokens the attention mask keeps, in the row-major order unpadding
+    keeps them. None when the hidden states are not unpadded."""
+    full, mask = state.plans.get(layer_idx), state.attention_mask
+    if hidden_states.dim() != 2 or full is None or mask is None or full.num_tokens == T or not state.usable():
+        return None
+    kept = full.expert_ids.reshape(-1)[mask.reshape(-1).bool()]
+    if kept.numel() != T:
+        raise ValueError(f"hidden_states has {T} tokens; the batch has {full.num_tokens}, of which the attention "
+                         f"mask keeps {kept.numel()}")
+    return RoutingPlan.from_expert_ids(kept, full.num_experts, validate=False)
 
 
 class DeferredExpertLayerNorm(nn.Module):

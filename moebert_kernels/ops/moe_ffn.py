@@ -1,8 +1,13 @@
 """moe_ffn: a top-1 routed expert FFN, y_t = g_t * (W2[e_t] act(W1[e_t] x_t + b1[e_t]) + b2[e_t]).
 
 Layout (the ``torch.nn.Linear`` convention, stacked over experts):
-    x  [T, d]       w1 [E, h, d]    b1 [E, h]
-    y  [T, d_out]   w2 [E, d_out, h] b2 [E, d_out]    gate [T] or None
+    x  [T, d]       w1 [E, h, d]    b1 [E, h] or None
+    y  [T, d_out]   w2 [E, d_out, h] b2 [E, d_out] or None    gate [T] or None
+
+Gated activations (``GATED_ACTIVATIONS``, e.g. ModernBERT's ``"geglu"``): w1 is ``[E, 2h, d]``
+(b1 ``[E, 2h]``); its first h rows give a, the last h give g, and the down projection
+takes act(a) * g. Optional features a backend must declare to be chosen: ``"gated"``,
+``"no_bias"`` (b1 or b2 None).
 
 Tied shared expert (optional, feature ``"shared"``): ``shared_w1 [s, d]``, ``shared_b1 [s]``,
 ``shared_w2 [d_out, s]`` run on every token,
@@ -33,18 +38,33 @@ from torch import Tensor
 from .dispatch import add_features, get_impl, register_impl, select_backend
 from .routing import RoutingPlan
 
-__all__ = ["moe_ffn", "moe_ffn_reference", "ACTIVATIONS", "check_moe_ffn_inputs"]
+__all__ = ["moe_ffn", "moe_ffn_reference", "ACTIVATIONS", "GATED_ACTIVATIONS", "check_moe_ffn_inputs"]
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+# gated name -> the activation applied to a in act(a) * g
+GATED_ACTIVATIONS = {"geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", *GATED_ACTIVATIONS)
 register_impl("moe_ffn", "torch", __name__)
 register_impl("moe_ffn", "triton", "moebert_kernels.triton.moe_ffn")
 register_impl("moe_ffn", "cuda", "moebert_kernels.cuda.moe_ffn")
 # The CUDA C++ kernels have no shared-expert epilogue yet: dispatch falls back from them.
 add_features("moe_ffn", "torch", ("shared",))
 add_features("moe_ffn", "triton", ("shared",))
+# Gated experts and absent biases; the CUDA C++ kernels implement neither (dispatch falls back).
+add_features("moe_ffn", "torch", ("gated", "no_bias"))
+add_features("moe_ffn", "triton", ("gated", "no_bias"))
+
+
+def needed_features(b1: Optional[Tensor], b2: Optional[Tensor], activation: str) -> tuple[str, ...]:
+    """The optional features of ``moe_ffn`` one call needs (see the module docstring)."""
+    return (("gated",) if activation in GATED_ACTIVATIONS else ()) + \
+        (("no_bias",) if b1 is None or b2 is None else ())
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
+    """act(h) of the pre-activation; gated: act(a) * g with a, g the two halves of h's last dim."""
+    if activation in GATED_ACTIVATIONS:
+        a, g = h.chunk(2, dim=-1)
+        return activate(a, GATED_ACTIVATIONS[activation]) * g
     if activation == "gelu":
         return F.gelu(h)  # exact erf form, as BERT uses
     if activation == "gelu_tanh":
@@ -59,9 +79,9 @@ def moe_ffn_reference(
     sorted_token_ids: Tensor,
     expert_offsets: Tensor,
     w1: Tensor,
-    b1: Tensor,
+    b1: Optional[Tensor],
     w2: Tensor,
-    b2: Tensor,
+    b2: Optional[Tensor],
     gate: Optional[Tensor] = None,
     activation: str = "gelu",
     shared_w1: Optional[Tensor] = None,
@@ -77,8 +97,8 @@ def moe_ffn_reference(
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
             continue
-        h = torch.addmm(b1[e], xs[lo:hi], w1[e].t())
-        pieces.append(torch.addmm(b2[e], activate(h, activation), w2[e].t()))
+        h = _affine(xs[lo:hi], w1[e], None if b1 is None else b1[e])
+        pieces.append(_affine(activate(h, activation), w2[e], None if b2 is None else b2[e]))
     y_sorted = torch.cat(pieces) if pieces else x.new_empty(0, d_out)
     y = torch.index_copy(x.new_zeros(T, d_out), 0, sorted_token_ids, y_sorted)
     if shared_w1 is not None:
@@ -86,6 +106,17 @@ def moe_ffn_reference(
     if gate is not None:
         y = y * gate.to(y.dtype).unsqueeze(-1)
     return y
+
+
+def _affine(x: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """x @ w^T (+ b): 2-D operands, or a padded batch ([E, n, k] x [E, m, k], b [E, m])."""
+    if x.dim() == 3:
+        if b is None:
+            return torch.bmm(x, w.transpose(1, 2), out=out)
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2), out=out)
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
 
 
 # ---- torch backend: plain PyTorch behind the backend contract -------------------------
@@ -138,8 +169,8 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     if seg.padded:
         src, pos = seg.token_maps(sorted_token_ids)
         xp = x.index_select(0, src).view(E, seg.cap, -1)
-        hp = torch.baddbmm(b1.unsqueeze(1), xp, w1.transpose(1, 2))
-        yp = torch.baddbmm(b2.unsqueeze(1), activate(hp, activation), w2.transpose(1, 2))
+        hp = _affine(xp, w1, b1)
+        yp = _affine(activate(hp, activation), w2, b2)
         out = yp.view(E * seg.cap, d_out).index_select(0, pos)
         if shared_out is not None:
             out.add_(shared_out)
@@ -152,12 +183,12 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     for e in range(E):
         lo, hi = seg.bounds[e], seg.bounds[e + 1]
         if lo < hi:
-            torch.addmm(b1[e], xs[lo:hi], w1[e].t(), out=hs[lo:hi])
+            _affine(xs[lo:hi], w1[e], None if b1 is None else b1[e], out=hs[lo:hi])
     a = activate(hs, activation)
     for e in range(E):
         lo, hi = seg.bounds[e], seg.bounds[e + 1]
         if lo < hi:
-            torch.addmm(b2[e], a[lo:hi], w2[e].t(), out=ys[lo:hi])
+            _affine(a[lo:hi], w2[e], None if b2 is None else b2[e], out=ys[lo:hi])
     hidden = hs if save_hidden else x.new_empty(0)
     if shared_out is not None:  # the op layer's own buffer: the routed rows are added into it in place
         out = shared_out.index_add_(0, sorted_token_ids, ys)
@@ -168,7 +199,11 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
 
 
 def activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
-    """d act(h) / dh applied to ``grad``."""
+    """d act(h) / dh applied to ``grad`` (gated: the grads of a and g, concatenated like h)."""
+    if activation in GATED_ACTIVATIONS:
+        a, g = h.chunk(2, dim=-1)
+        base = GATED_ACTIVATIONS[activation]
+        return torch.cat([activation_backward(grad * g, a, base), grad * activate(a, base)], dim=-1)
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad, h, approximate="none")
     if activation == "gelu_tanh":
@@ -180,18 +215,19 @@ def _expert_backward(xs, hs, go, gs, w1, b1, w2, b2, activation, bmm: bool):
     """Grads of one expert (2-D operands) or of all experts at once (padded 3-D operands)."""
     mm = torch.bmm if bmm else torch.mm
     tr = (lambda t: t.transpose(1, 2)) if bmm else (lambda t: t.t())
-    b1_, b2_ = (b1.unsqueeze(1), b2.unsqueeze(1)) if bmm else (b1, b2)
     if hs is None:
-        hs = (torch.baddbmm if bmm else torch.addmm)(b1_, xs, tr(w1))
+        hs = _affine(xs, w1, b1)
     a = activate(hs, activation)
     dgs = None
     dy = go
     if gs is not None:
-        dgs = (go * (mm(a, tr(w2)) + b2_)).sum(-1)
+        dgs = (go * _affine(a, w2, b2)).sum(-1)
         dy = go * gs.unsqueeze(-1)
-    dw2, db2 = mm(tr(dy), a), dy.sum(-2)
+    dw2 = mm(tr(dy), a)
+    db2 = dy.sum(-2) if b2 is not None else None
     dh = activation_backward(mm(dy, w2), hs, activation)
-    dw1, db1 = mm(tr(dh), xs), dh.sum(-2)
+    dw1 = mm(tr(dh), xs)
+    db1 = dh.sum(-2) if b1 is not None else None
     return mm(dh, w1), dw1, db1, dw2, db2, dgs
 
 
@@ -214,14 +250,19 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
         dxs, dgs = seg.unpad(dxs), (None if dgs is None else seg.unpad(dgs))
     else:
         dxs, dgs = torch.zeros_like(xs), (x.new_zeros(T) if gs is not None else None)
-        dw1, db1, dw2, db2 = (torch.zeros_like(t) for t in (w1, b1, w2, b2))
+        dw1, db1, dw2, db2 = (None if t is None else torch.zeros_like(t) for t in (w1, b1, w2, b2))
         for e in range(E):
             lo, hi = seg.bounds[e], seg.bounds[e + 1]
             if lo == hi:
                 continue
             r = _expert_backward(xs[lo:hi], None if hs is None else hs[lo:hi], go[lo:hi],
-                                 None if gs is None else gs[lo:hi], w1[e], b1[e], w2[e], b2[e], activation, bmm=False)
-            dxs[lo:hi], dw1[e], db1[e], dw2[e], db2[e] = r[:5]
+                                 None if gs is None else gs[lo:hi], w1[e], None if b1 is None else b1[e], w2[e],
+                                 None if b2 is None else b2[e], activation, bmm=False)
+            dxs[lo:hi], dw1[e], dw2[e] = r[0], r[1], r[3]
+            if db1 is not None:
+                db1[e] = r[2]
+            if db2 is not None:
+                db2[e] = r[4]
             if dgs is not None:
                 dgs[lo:hi] = r[5]
     if shared_dx is None:
@@ -232,7 +273,8 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
         dgate = x.new_empty(0)
     else:
         dgate = torch.index_copy(x.new_zeros(T), 0, sorted_token_ids, dgs).to(gate.dtype)
-    return dx, dw1, db1, dw2, db2, dgate
+    none = x.new_empty  # the grad slot of an absent bias (one tensor each: outputs may not alias)
+    return dx, dw1, none(0) if db1 is None else db1, dw2, none(0) if db2 is None else db2, dgate
 
 
 # ---- the shared expert: dense over every token, the same for every backend ---------------
@@ -277,9 +319,9 @@ def _moe_ffn_fwd(
     sorted_token_ids: Tensor,
     expert_offsets: Tensor,
     w1: Tensor,
-    b1: Tensor,
+    b1: Optional[Tensor],
     w2: Tensor,
-    b2: Tensor,
+    b2: Optional[Tensor],
     gate: Optional[Tensor],
     activation: str,
     backend: str,
@@ -316,9 +358,9 @@ def _moe_ffn_bwd(
     sorted_token_ids: Tensor,
     expert_offsets: Tensor,
     w1: Tensor,
-    b1: Tensor,
+    b1: Optional[Tensor],
     w2: Tensor,
-    b2: Tensor,
+    b2: Optional[Tensor],
     gate: Optional[Tensor],
     hidden: Tensor,
     activation: str,
@@ -367,8 +409,9 @@ def _(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidde
     else:
         shared = tuple(torch.empty_like(t) if need else x.new_empty(0)
                        for t, need in zip((shared_w1, shared_b1, shared_w2), list(needs_grad)[6:9]))
-    return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
-            torch.empty_like(b2), dgate, *shared)
+    bias_grad = lambda b: torch.empty_like(b) if b is not None else x.new_empty(0)  # noqa: E731
+    return (torch.empty_like(x), torch.empty_like(w1), bias_grad(b1), torch.empty_like(w2), bias_grad(b2), dgate,
+            *shared)
 
 
 def _setup_context(ctx, inputs, output):
@@ -417,15 +460,18 @@ _moe_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu", shared_w1=None, shared_b1=None,
                          shared_w2=None) -> None:
     """Raise TypeError/ValueError naming the first problem; touches nothing."""
-    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
-    if gate is not None:
-        named["gate"] = gate
+    named = {"x": x, "w1": w1, "w2": w2}
+    for name, t in (("b1", b1), ("b2", b2), ("gate", gate)):
+        if t is not None:
+            named[name] = t
     shared = {"shared_w1": shared_w1, "shared_b1": shared_b1, "shared_w2": shared_w2}
     given = [k for k, v in shared.items() if v is not None]
     if given and len(given) != 3:
         raise ValueError(f"a shared expert needs shared_w1, shared_b1 and shared_w2 together; got only {given}")
     if given:
         named.update(shared)
+        if activation in GATED_ACTIVATIONS:
+            raise ValueError(f"a tied shared expert is not implemented for gated activations ({activation!r})")
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -440,14 +486,20 @@ def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu", 
     if w1.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"w1 must be [E, h, d] and w2 [E, d_out, h]; got {tuple(w1.shape)} and {tuple(w2.shape)}")
     T, d = x.shape
-    E, h, d_in = w1.shape
+    E, h_up, d_in = w1.shape
+    gated = activation in GATED_ACTIVATIONS
     if d_in != d:
         raise ValueError(f"w1 is [E, h, d] = {tuple(w1.shape)} but x has d={d}")
+    if gated and h_up % 2:
+        raise ValueError(f"a gated activation ({activation!r}) needs w1 [E, 2h, d] (a rows, then g rows); "
+                         f"got {tuple(w1.shape)} with an odd row count")
+    h = h_up // 2 if gated else h_up
     if w2.shape[0] != E or w2.shape[2] != h:
-        raise ValueError(f"w2 must be [E={E}, d_out, h={h}], got {tuple(w2.shape)}")
-    if tuple(b1.shape) != (E, h):
-        raise ValueError(f"b1 must be [E, h] = {(E, h)}, got {tuple(b1.shape)}")
-    if tuple(b2.shape) != (E, w2.shape[1]):
+        raise ValueError(f"w2 must be [E={E}, d_out, h={h}]" + (f" (w1 holds 2h={h_up} rows: {activation!r} is gated)"
+                                                               if gated else "") + f", got {tuple(w2.shape)}")
+    if b1 is not None and tuple(b1.shape) != (E, h_up):
+        raise ValueError(f"b1 must be [E, {'2h' if gated else 'h'}] = {(E, h_up)}, got {tuple(b1.shape)}")
+    if b2 is not None and tuple(b2.shape) != (E, w2.shape[1]):
         raise ValueError(f"b2 must be [E, d_out] = {(E, w2.shape[1])}, got {tuple(b2.shape)}")
     if shared_w1 is not None:
         if shared_w1.dim() != 2 or shared_w1.shape[1] != d:
@@ -476,9 +528,9 @@ def moe_ffn(
     x: Tensor,
     plan: RoutingPlan,
     w1: Tensor,
-    b1: Tensor,
+    b1: Optional[Tensor],
     w2: Tensor,
-    b2: Tensor,
+    b2: Optional[Tensor],
     gate: Optional[Tensor] = None,
     activation: str = "gelu",
     backend: Optional[str] = None,
@@ -489,7 +541,7 @@ def moe_ffn(
     """Top-1 routed expert FFN on ``[T, d]`` tokens, plus a tied shared expert when ``shared_*`` are given;
     see the module docstring for layout."""
     check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate, activation, shared_w1, shared_b1, shared_w2)
-    needs = ("shared",) if shared_w1 is not None else ()
+    needs = needed_features(b1, b2, activation) + (("shared",) if shared_w1 is not None else ())
     name = select_backend("moe_ffn", x.device, backend, needs=needs)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, gate, shared_w1, shared_b1, shared_w2)

@@ -19,6 +19,11 @@ Backward (G = grad_out, token order):
             partial slab, then one reduce launch per weight sums an expert's chunks in a
             fixed order, so the result is deterministic (no float atomics).
 
+Gated activations (``"geglu"`` etc., w1 [E, 2h, d]): the up kernel runs a second
+accumulator over the g rows and writes act(a) * g; H is [T, 2h] (a, then g); the hidden
+kernel writes dH = [g P act'(a), P act(a)], after which dX and dW1 are the ungated
+launches with 2h in place of h. Absent biases (b1/b2 None) are constexpr branches.
+
 Saved for backward: ``SAVES_HIDDEN = True``. The forward returns the GEMM1 pre-activation H
 (expert order, input dtype) when ``save_hidden``; the backward derives both act(H) and
 act'(H) from it in its first kernel's epilogue, so no GEMM is recomputed. Given an empty
@@ -57,6 +62,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..ops.moe_ffn import GATED_ACTIVATIONS
 from . import on_input_device
 from .moe_ffn_kernels import (
     ACT_GELU,
@@ -204,13 +210,16 @@ def _common(x: Tensor, E: int):
 
 def _launch_up(x, w1, b1, tok, offsets, act, hidden, activation, cfg, common):
     T, d = x.shape
-    E, h, _ = w1.shape
+    E, h_up, _ = w1.shape
+    gated = activation in GATED_ACTIVATIONS
+    h = h_up // 2 if gated else h_up
     grid = ((triton.cdiv(T, cfg.block_m) + E) * triton.cdiv(h, cfg.block_n),)
     _moe_ffn_up_kernel[grid](
-        x, w1, b1, tok, offsets,
+        x, w1, b1 if b1 is not None else x, tok, offsets,
         act if act is not None else x, hidden if hidden is not None else x,
         E, h, d, x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2),
-        ACTIVATION=_ACT_CODES[activation], STORE_ACT=act is not None, STORE_H=hidden is not None,
+        ACTIVATION=_act_code(activation), GATED=gated, HAS_BIAS=b1 is not None, STORE_ACT=act is not None,
+        STORE_H=hidden is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=d % cfg.block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
@@ -286,10 +295,17 @@ def _contiguous_inputs(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate
     The kernels index the plan with unit stride; a strided plan (a column of a [T, L] tensor)
     would otherwise be misread.
     """
-    if activation not in _ACT_CODES:
-        raise ValueError(f"activation must be one of {tuple(_ACT_CODES)}, got {activation!r}")
-    tensors = (x, sorted_token_ids, expert_offsets, w1, b1, w2, b2)
-    return (*(t.contiguous() for t in tensors), gate.contiguous() if gate is not None else None)
+    _act_code(activation)
+    tensors = (x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate)
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
+def _act_code(activation: str) -> int:
+    """The kernels' code of ``activation`` (of act in act(a) * g when gated)."""
+    code = _ACT_CODES.get(GATED_ACTIVATIONS.get(activation, activation))
+    if code is None:
+        raise ValueError(f"activation must be one of {(*_ACT_CODES, *GATED_ACTIVATIONS)}, got {activation!r}")
+    return code
 
 
 @on_input_device
@@ -300,11 +316,11 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
         x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation)
     T, d = x.shape
-    E, h, _ = w1.shape
-    d_out = w2.shape[1]
+    E, h_up, _ = w1.shape
+    d_out, h = w2.shape[1], w2.shape[2]
     common = _common(x, E)
     out = _empty((T, d_out), x.dtype, x.device)
-    hidden = _empty((T, h), x.dtype, x.device) if save_hidden else x.new_empty(0)
+    hidden = _empty((T, h_up), x.dtype, x.device) if save_hidden else x.new_empty(0)
     if T == 0:
         return out, hidden
     cfg = get_config("gemm", T, d, h, E, x.dtype)
@@ -325,18 +341,22 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
         x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation)
     T, d = x.shape
-    E, h, _ = w1.shape
-    d_out = w2.shape[1]
+    E, h_up, _ = w1.shape
+    d_out, h = w2.shape[1], w2.shape[2]
+    gated = activation in GATED_ACTIVATIONS
     common = _common(x, E)
     n_x, n_w1, n_b1, n_w2, n_b2, n_g = (bool(v) for v in needs_grad)
     n_g = n_g and gate is not None
+    n_b1, n_b2 = n_b1 and b1 is not None, n_b2 and b2 is not None
     dev, dt = x.device, x.dtype
     g_out = grad_out.to(dt).contiguous()
 
     need_dh = n_x or n_w1 or n_b1
     dx = _empty((T, d), dt, dev)
-    dw1, db1 = _empty((E, h, d), w1.dtype, dev), _empty((E, h), b1.dtype, dev)
-    dw2, db2 = _empty((E, d_out, h), w2.dtype, dev), _empty((E, d_out), b2.dtype, dev)
+    dw1, dw2 = _empty((E, h_up, d), w1.dtype, dev), _empty((E, d_out, h), w2.dtype, dev)
+    # An absent bias gets an empty grad slot (one tensor each: custom-op outputs may not alias).
+    db1 = _empty((E, h_up), b1.dtype, dev) if b1 is not None else x.new_empty(0)
+    db2 = _empty((E, d_out), b2.dtype, dev) if b2 is not None else x.new_empty(0)
     dgate = _empty((T,), gate.dtype, dev) if gate is not None else x.new_empty(0)
     if T == 0:
         for t in (dw1, db1, dw2, db2):
@@ -347,25 +367,26 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
     tok, offsets = sorted_token_ids, expert_offsets
     act = None
     if hidden.numel() == 0 and (need_dh or n_w2 or n_g):
-        hidden = _empty((T, h), dt, dev)
+        hidden = _empty((T, h_up), dt, dev)
         act = _empty((T, h), dt, dev) if n_w2 else None
         _launch_up(x, w1, b1, tok, offsets, act, hidden, activation, cfg, common)
     store_act = n_w2 and act is None
     if need_dh or n_g or store_act:
         hidden = hidden.contiguous()
-        dh = _empty((T, h), dt, dev) if need_dh else None
+        dh = _empty((T, h_up), dt, dev) if need_dh else None
         if store_act:
             act = _empty((T, h), dt, dev)
         n_tiles_h = triton.cdiv(h, cfg.block_n)
         n_tiles_m = triton.cdiv(T, cfg.block_m) + E
         dgate_part = _empty((n_tiles_h, T), torch.float32, dev) if n_g else None
-        db1_part = _empty((n_tiles_m, h), torch.float32, dev) if n_b1 else None
+        db1_part = _empty((n_tiles_m, h_up), torch.float32, dev) if n_b1 else None
         _moe_ffn_bwd_hidden_kernel[(n_tiles_m * n_tiles_h,)](
-            g_out, w2, b2, gate if gate is not None else x, tok, offsets, hidden,
+            g_out, w2, b2 if b2 is not None else x, gate if gate is not None else x, tok, offsets, hidden,
             dh if dh is not None else x, act if store_act else x, dgate_part if n_g else x,
             db1_part if n_b1 else x,
             E, h, d_out, T, g_out.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
-            ACTIVATION=_ACT_CODES[activation], HAS_GATE=gate is not None, STORE_DH=need_dh, STORE_ACT=store_act,
+            ACTIVATION=_act_code(activation), GATED=gated, B2_DOT=n_g and b2 is not None, HAS_GATE=gate is not None,
+            STORE_DH=need_dh, STORE_ACT=store_act,
             DGATE=n_g, STORE_DB=n_b1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             EVEN_K=d_out % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
@@ -379,9 +400,9 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
         dcfg = get_config("dw", T, d, h, E, dt)
         if n_w1 or n_b1:
             # db1's partials come from the hidden kernel, one per BLOCK_M row tile.
-            _launch_dw(dh, x, None, tok, offsets, False, True, n_w1, n_b1, E, dw1, db1, dcfg, common,
-                       db_part=db1_part, db_chunk=cfg.block_m)
+            _launch_dw(dh, x, None, tok, offsets, False, True, n_w1, n_b1, E, dw1, db1 if n_b1 else dw1, dcfg,
+                       common, db_part=db1_part, db_chunk=cfg.block_m)
         if n_w2 or n_b2:
-            _launch_dw(g_out, act if n_w2 else g_out, gate, tok, offsets, True, False, n_w2, n_b2, E, dw2, db2,
-                       dcfg, common)
+            _launch_dw(g_out, act if n_w2 else g_out, gate, tok, offsets, True, False, n_w2, n_b2, E, dw2,
+                       db2 if n_b2 else dw2, dcfg, common)
     return dx, dw1, db1, dw2, db2, dgate

@@ -87,6 +87,13 @@ def _activation_grad(h, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _gated_activation_grad(a, g, ACTIVATION: tl.constexpr):
+    """(act(a) * g, d/da, d/dg) in fp32: the gated epilogue and its two partial derivatives."""
+    u, du = _activation_grad(a, ACTIVATION)
+    return u * g, du * g, u
+
+
+@triton.jit
 def _rows_times_weight(
     A_ptr,  # [*, K] row-major activations; rows picked by a_rows
     stride_am,
@@ -141,15 +148,17 @@ def _moe_ffn_up_kernel(
     tok_ptr,  # [T] int64 sorted_token_ids
     offsets_ptr,  # [E+1] int64 expert_offsets
     ACT_ptr,  # [T, N] expert order: act(x W1^T + b1), written when STORE_ACT
-    H_ptr,  # [T, N] expert order: pre-activation, written when STORE_H
+    H_ptr,  # [T, N] expert order ([T, 2N] when GATED: a, then g): pre-activation, written when STORE_H
     E,
-    N,
+    N,  # output columns; W holds 2N rows (a rows, then g rows) when GATED
     K,
     stride_xm,
     stride_we,
     stride_wn,
     stride_wk,
     ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     STORE_ACT: tl.constexpr,
     STORE_H: tl.constexpr,
     E_POW2: tl.constexpr,
@@ -160,22 +169,41 @@ def _moe_ffn_up_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """GEMM1: gather rows of x through the plan, add b1, activate, write in expert order."""
+    """GEMM1: gather rows of x through the plan, add b1, activate, write in expert order.
+
+    GATED: a second accumulator over W's g rows; the epilogue writes act(a) * g.
+    """
     e, tile_m, pid_n, offs_r, row_mask, offs_n, n_mask = _gemm_program(offsets_ptr, N, E, BLOCK_M, BLOCK_N, E_POW2)
     if e >= E:
         return
     tok = tl.load(tok_ptr + offs_r, mask=row_mask, other=0).to(tl.int64)
-    acc, _ = _rows_times_weight(X_ptr, stride_xm, tok, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
-                                stride_wn, offs_n, n_mask, B_ptr, K, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                                UPCAST, PRECISION)
-    bias = tl.load(B_ptr + e * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    h = acc + bias[None, :]
+    w_e = W_ptr + e.to(tl.int64) * stride_we
+    h, _ = _rows_times_weight(X_ptr, stride_xm, tok, row_mask, w_e, stride_wk, stride_wn, offs_n, n_mask, B_ptr, K,
+                              False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, PRECISION)
+    if GATED:
+        n_up = 2 * N
+    else:
+        n_up = N
+    if HAS_BIAS:
+        h += tl.load(B_ptr + e * n_up + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_off = offs_r[:, None] * N + offs_n[None, :]
     out_mask = row_mask[:, None] & n_mask[None, :]
-    if STORE_H:
-        tl.store(H_ptr + out_off, h.to(H_ptr.dtype.element_ty), mask=out_mask)
-    if STORE_ACT:
-        tl.store(ACT_ptr + out_off, _activation(h, ACTIVATION).to(ACT_ptr.dtype.element_ty), mask=out_mask)
+    if GATED:
+        g, _ = _rows_times_weight(X_ptr, stride_xm, tok, row_mask, w_e + N * stride_wn, stride_wk, stride_wn, offs_n,
+                                  n_mask, B_ptr, K, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, PRECISION)
+        if HAS_BIAS:
+            g += tl.load(B_ptr + e * n_up + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        h_off = offs_r[:, None] * n_up + offs_n[None, :]
+        if STORE_H:
+            tl.store(H_ptr + h_off, h.to(H_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(H_ptr + h_off + N, g.to(H_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_ACT:
+            tl.store(ACT_ptr + out_off, (_activation(h, ACTIVATION) * g).to(ACT_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        if STORE_H:
+            tl.store(H_ptr + out_off, h.to(H_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_ACT:
+            tl.store(ACT_ptr + out_off, _activation(h, ACTIVATION).to(ACT_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -235,15 +263,15 @@ def _moe_ffn_down_kernel(
 def _moe_ffn_bwd_hidden_kernel(
     G_ptr,  # [T, K] token order grad_out (K = d_out)
     W_ptr,  # [E, K, N] (w2), read as is
-    B2_ptr,  # [E, K] (b2), for the dgate term G . b2
+    B2_ptr,  # [E, K] (b2), for the dgate term G . b2 when B2_DOT
     gate_ptr,  # [T] token order, when HAS_GATE
     tok_ptr,  # [T] int64 sorted_token_ids
     offsets_ptr,  # [E+1] int64 expert_offsets
-    H_ptr,  # [T, N] expert order: saved pre-activation
-    DH_ptr,  # [T, N] expert order: dL/d(pre-activation), written when STORE_DH
+    H_ptr,  # [T, N] expert order ([T, 2N] when GATED: a, then g): saved pre-activation
+    DH_ptr,  # like H_ptr: dL/d(pre-activation), written when STORE_DH
     ACT_ptr,  # [T, N] expert order: act(H) recomputed for dW2, written when STORE_ACT
     DGATE_ptr,  # [cdiv(N, BLOCK_N), T] fp32 partial row sums, token order, when DGATE
-    DB_ptr,  # [cdiv(T, BLOCK_M) + E, N] fp32 per-row-tile column sums of dH (db1 partials), when STORE_DB
+    DB_ptr,  # [cdiv(T, BLOCK_M) + E, N (2N gated)] fp32 per-row-tile column sums of dH (db1 partials), STORE_DB
     E,
     N,
     K,
@@ -253,6 +281,8 @@ def _moe_ffn_bwd_hidden_kernel(
     stride_wk,
     stride_wn,
     ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    B2_DOT: tl.constexpr,  # DGATE and b2 present
     HAS_GATE: tl.constexpr,
     STORE_DH: tl.constexpr,
     STORE_ACT: tl.constexpr,
@@ -269,32 +299,48 @@ def _moe_ffn_bwd_hidden_kernel(
     """P = gather(G) W2[e]; dH = g * P * act'(H); dgate partial = rowsum(act(H) * P) (+ G . b2 once).
 
     The dgate identity: rowsum(G * (W2 a + b2)) = rowsum(a * (G W2)) + G . b2, so the
-    ungated output never has to be recomputed.
+    ungated output never has to be recomputed. GATED: act = act(a) * g, and dH holds
+    dL/da = P * g * act'(a) in the a columns and dL/dg = P * act(a) in the g columns.
     """
     e, tile_m, pid_n, offs_r, row_mask, offs_n, n_mask = _gemm_program(offsets_ptr, N, E, BLOCK_M, BLOCK_N, E_POW2)
     if e >= E:
         return
     tok = tl.load(tok_ptr + offs_r, mask=row_mask, other=0).to(tl.int64)
     p, gb = _rows_times_weight(G_ptr, stride_gm, tok, row_mask, W_ptr + e.to(tl.int64) * stride_we, stride_wk,
-                               stride_wn, offs_n, n_mask, B2_ptr + e * K, K, DGATE, BLOCK_M, BLOCK_N, BLOCK_K,
+                               stride_wn, offs_n, n_mask, B2_ptr + e * K, K, B2_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
                                EVEN_K, UPCAST, PRECISION)
     off = offs_r[:, None] * N + offs_n[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
-    h = tl.load(H_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    a, da = _activation_grad(h, ACTIVATION)
+    if GATED:
+        n_up = 2 * N
+        h_off = offs_r[:, None] * n_up + offs_n[None, :]
+        hg = tl.load(H_ptr + h_off + N, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
+        a, da, dg = _gated_activation_grad(h, hg, ACTIVATION)
+    else:
+        n_up = N
+        h_off = off
+        h = tl.load(H_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        a, da = _activation_grad(h, ACTIVATION)
     if STORE_ACT:
         tl.store(ACT_ptr + off, a.to(ACT_ptr.dtype.element_ty), mask=mask)
     if DGATE:
-        part = tl.sum(a * p, 1) + tl.where(pid_n == 0, gb, 0.0)
+        part = tl.sum(a * p, 1)
+        if B2_DOT:
+            part += tl.where(pid_n == 0, gb, 0.0)
         tl.store(DGATE_ptr + pid_n * T + tok, part, mask=row_mask)
     if STORE_DH:
-        dh = p * da
         if HAS_GATE:
-            g = tl.load(gate_ptr + tok, mask=row_mask, other=0.0).to(tl.float32)
-            dh *= g[:, None]
-        tl.store(DH_ptr + off, dh.to(DH_ptr.dtype.element_ty), mask=mask)
+            p *= tl.load(gate_ptr + tok, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        dh = p * da
+        tl.store(DH_ptr + h_off, dh.to(DH_ptr.dtype.element_ty), mask=mask)
         if STORE_DB:  # db1 partial from the fp32 tile, so the dW1 kernel keeps dH a pure MMA operand
-            tl.store(DB_ptr + tile_m * N + offs_n, tl.sum(tl.where(mask, dh, 0.0), 0), mask=n_mask)
+            tl.store(DB_ptr + tile_m * n_up + offs_n, tl.sum(tl.where(mask, dh, 0.0), 0), mask=n_mask)
+        if GATED:
+            dhg = p * dg
+            tl.store(DH_ptr + h_off + N, dhg.to(DH_ptr.dtype.element_ty), mask=mask)
+            if STORE_DB:
+                tl.store(DB_ptr + tile_m * n_up + N + offs_n, tl.sum(tl.where(mask, dhg, 0.0), 0), mask=n_mask)
 
 
 @triton.jit

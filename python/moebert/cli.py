@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
 
     p = sub.add_parser("finetune", help="fine-tune a dense teacher on a task")
-    p.add_argument("--model", required=True, help="pretrained BERT-family folder (or hub id)")
+    p.add_argument("--model", required=True, help="pretrained encoder folder of a supported family (or hub id)")
     p.add_argument("--output", required=True)
     _data_args(p)
     _train_args(p)

@@ -57,11 +57,11 @@ def is_moebert_checkpoint(path: str) -> bool:
 
 def _check_family(config, path: str, role: str) -> None:
     from moebert_kernels import SUPPORTED_MODEL_TYPES
-    from moebert_kernels.hf import family_of
+    from moebert_kernels.hf import SUPPORTED_CLASSES, family_of
 
     if family_of(config.model_type) is None:
         raise ValueError(f"{role} checkpoint {path} is a {config.model_type!r} model; MoEBERT supports "
-                         f"{list(SUPPORTED_MODEL_TYPES)} (BERT-family encoders)")
+                         f"{list(SUPPORTED_MODEL_TYPES)} ({SUPPORTED_CLASSES})")
 
 
 def _head_class(task: TaskSpec):
@@ -72,7 +72,7 @@ def _head_class(task: TaskSpec):
 
 def load_teacher(path: str, task: TaskSpec, num_labels: Optional[int] = None, id2label: Optional[dict] = None,
                  device: Optional[str] = None):
-    """A dense BERT-family model with the task's head (new head when ``path`` is a bare encoder)."""
+    """A dense encoder of a supported family with the task's head (new head when ``path`` is a bare encoder)."""
     config = load_config(path)
     _check_family(config, path, "teacher")
     if is_moebert_checkpoint(path):

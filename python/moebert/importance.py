@@ -12,9 +12,12 @@ first. Writing ``pre = W1 x + b1`` (per token t) and ``a = act(pre)``,
     dL_i/dw2_j = sum_t g_y[t] a[t, j]       ->  w2_j . dL_i/dw2_j = sum_t a[t, j] (W2^T g_y[t])_j
                                                                    = sum_t a[t, j] g_a[t, j]
 
-where the sums run over example i's tokens and g_* = dL_i/d*. Tokens of different examples
-never mix in BERT, so with L = sum_i L_i one backward pass gives every example's g_pre and
-g_a at once. Forward hooks keep ``pre`` (the output of fc1) and ``a`` (the input of fc2),
+where the sums run over example i's tokens and g_* = dL_i/d*. A gated FFN (ModernBERT:
+``Wo (act(a) * g)``, ``[a; g] = Wi x``) has three weight groups per neuron, rows j and d_ff + j
+of Wi and column j of Wo; the sum inside the absolute value takes all three, the two Wi terms
+being ``sum_t g_pre[t, j] (pre[t, j] - b_j)`` over the a and the g halves of ``pre``. Tokens of
+different examples never mix in these encoders, so with L = sum_i L_i one backward pass gives
+every example's g_pre and g_a at once. Forward hooks keep ``pre`` (the output of fc1) and ``a`` (the input of fc2),
 ``autograd.grad`` returns their gradients without touching parameter ``.grad``, and the two
 products are summed per example, made absolute and added up. Padding tokens get zero
 gradient (nothing attends to them and the loss reads [CLS] or the answer span only).
@@ -28,22 +31,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ffn_linears", "importance_scores", "per_example_loss_sum", "save_importance", "load_importance", "run"]
+__all__ = ["ffn_is_gated", "ffn_linears", "importance_scores", "per_example_loss_sum", "save_importance",
+           "load_importance", "run"]
 
 
 def ffn_linears(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
-    """(fc1, fc2) of every layer of a dense BERT/RoBERTa/DistilBERT model."""
+    """(fc1, fc2) of every layer of a dense model of any family ``moebert_kernels.patch`` takes
+    (fc1 has 2 d_ff rows, a then g, when the FFN is gated: see ``ffn_is_gated``)."""
+    return _dense_ffn(model)[0]
+
+
+def ffn_is_gated(model: nn.Module) -> bool:
+    return _dense_ffn(model)[1]
+
+
+def _dense_ffn(model: nn.Module) -> tuple[list[tuple[nn.Linear, nn.Linear]], bool]:
     from moebert_kernels import SUPPORTED_MODEL_TYPES, moe_layers
+    from moebert_kernels.hf import dense_ffn_linears
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"importance supports model types {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
     if moe_layers(model):
         raise ValueError("importance is computed on the dense teacher, but this model is already MoEBERT")
-    base = getattr(model, "base_model", model)
-    if model_type == "distilbert":
-        return [(layer.ffn.lin1, layer.ffn.lin2) for layer in base.transformer.layer]
-    return [(layer.intermediate.dense, layer.output.dense) for layer in base.encoder.layer]
+    return dense_ffn_linears(model)
 
 
 def per_example_loss_sum(outputs, batch: dict, num_labels: int) -> Tensor:
@@ -65,14 +76,14 @@ def importance_scores(model: nn.Module, batches: Iterable[dict], progress: bool 
                       total: Optional[int] = None) -> tuple[Tensor, int]:
     """``([L, d_ff] float64 importance, number of examples)`` over ``batches`` (dicts of tensors
     on the model's device, with labels). One forward and one backward per batch."""
-    pairs = ffn_linears(model)
+    pairs, gated = _dense_ffn(model)
     num_labels = model.config.num_labels
     saved: dict = {}
     handles = []
     for l, (fc1, fc2) in enumerate(pairs):
         handles.append(fc1.register_forward_hook(lambda m, i, o, l=l: saved.__setitem__(("pre", l), o)))
         handles.append(fc2.register_forward_hook(lambda m, i, o, l=l: saved.__setitem__(("act", l), i[0])))
-    d_ff = pairs[0][0].out_features
+    d_ff = pairs[0][1].in_features
     scores = torch.zeros(len(pairs), d_ff, dtype=torch.float64, device=pairs[0][0].weight.device)
     seen = 0
     was_training = model.training
@@ -97,7 +108,10 @@ def importance_scores(model: nn.Module, batches: Iterable[dict], progress: bool 
                 g_pre = torch.zeros_like(pre) if g_pre is None else g_pre
                 g_act = torch.zeros_like(act) if g_act is None else g_act
                 w1x = pre.detach() - fc1.bias.detach() if fc1.bias is not None else pre.detach()
-                per_tok = g_pre * w1x + act.detach() * g_act  # [B, S, d_ff]
+                up_terms = g_pre * w1x  # [B, S, d_ff], or [B, S, 2 d_ff] gated: the a and g rows of neuron j
+                if gated:
+                    up_terms = up_terms[..., :d_ff] + up_terms[..., d_ff:]
+                per_tok = up_terms + act.detach() * g_act  # [B, S, d_ff]
                 per_example = per_tok.reshape(B, -1, d_ff).sum(1, dtype=torch.float64)
                 scores[l] += per_example.abs().sum(0)
             seen += B
