@@ -1,6 +1,7 @@
 """moebert-kernels: fused kernels and drop-in modules for MoEBERT (Zuo et al., NAACL 2022)."""
 from . import ops
-from .hf import SUPPORTED_MODEL_TYPES, MoEBertSettings, aux_loss, expert_neuron_ids, from_pretrained, moe_layers, patch
+from .hf import (SUPPORTED_MODEL_TYPES, MoEBertSettings, aux_loss, default_expert_sizes, expert_neuron_ids,
+                 from_pretrained, moe_layers, patch)
 from .modules import (BalancedHashRouter, HashRouter, MoEFeedForward, SentenceGate, TokenGate)
 from .ops import BackendUnavailableError, RoutingPlan, moe_ffn, select_backend
 from .ops import DistillOutput, distill_loss, distill_loss_reference
@@ -22,6 +23,7 @@ __all__ = [
     "SentenceGate",
     "TokenGate",
     "aux_loss",
+    "default_expert_sizes",
     "distill_loss",
     "distill_loss_reference",
     "expert_layer_norm",

@@ -1,6 +1,8 @@
-"""Hugging Face glue: patch() per model family, save/load."""
+"""Hugging Face glue: patch() per model family, save/load, Auto* registration."""
+from . import auto  # registers the MoE model types with transformers' Auto* classes
 from .io import from_pretrained
-from .patch import SUPPORTED_MODEL_TYPES, MoEBertSettings, aux_loss, expert_neuron_ids, moe_layers, patch
+from .patch import (FAMILIES, SUPPORTED_MODEL_TYPES, MoEBertSettings, aux_loss, default_expert_sizes, expert_neuron_ids,
+                    family_of, moe_layers, patch)
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "MoEBertSettings", "aux_loss", "expert_neuron_ids", "from_pretrained",
-           "moe_layers", "patch"]
+__all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "MoEBertSettings", "auto", "aux_loss", "default_expert_sizes",
+           "expert_neuron_ids", "family_of", "from_pretrained", "moe_layers", "patch"]

@@ -33,13 +33,25 @@ def load_safetensors_state(path: str) -> dict[str, torch.Tensor]:
 
 
 def from_pretrained(path: str, model_class: Optional[type] = None, device: Optional[str] = None,
-                    dtype: Optional[torch.dtype] = None, backend: Optional[str] = None) -> nn.Module:
+                    dtype: Optional[torch.dtype] = None, backend: Optional[str] = None,
+                    revision: Optional[str] = None) -> nn.Module:
     """Rebuild a MoEBERT model saved with ``save_pretrained`` and load its weights and router tables.
 
-    ``model_class`` defaults to the class named in ``config.architectures``.
+    ``path`` is a folder or a hub id (fetched with ``huggingface_hub.snapshot_download``, which
+    honours ``HF_HUB_OFFLINE`` and the local cache). ``model_class`` defaults to the class named in
+    ``config.architectures``. Checkpoints of either config style load: ``model_type``
+    ``"moebert_kernels_<family>"`` and the older ``"<family>"`` with a ``moebert`` entry.
     """
     import transformers
 
+    from .auto import MOE_CLASSES, dense_class
+
+    if not os.path.isdir(path):
+        if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
+            raise FileNotFoundError(f"model folder {path} does not exist")
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, revision=revision)
     config = transformers.AutoConfig.from_pretrained(path)
     settings = getattr(config, "moebert", None)
     if not isinstance(settings, dict):
@@ -48,12 +60,14 @@ def from_pretrained(path: str, model_class: Optional[type] = None, device: Optio
     settings = MoEBertSettings(**settings)
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
-        model_class = getattr(transformers, arch, None) if arch else None
+        model_class = dense_class(arch) if arch else None
         if model_class is None:
             raise ValueError(f"cannot tell the model class of {path} (architectures={arch!r}); pass model_class=")
+    elif model_class.__name__ in MOE_CLASSES:  # those patch themselves; build the stock class, patch it here
+        model_class = dense_class(model_class.__name__)
     model = model_class(config)
     patch(model, settings.num_experts, settings.expert_size, settings.shared, router=settings.router,
-          seed=settings.seed, backend=backend, _from_checkpoint=True)
+          seed=settings.seed, backend=backend, aux_loss_coef=settings.aux_loss_coef, _from_checkpoint=True)
     state = load_safetensors_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)

@@ -1,11 +1,13 @@
 """``patch(model)``: turn a Hugging Face BERT-family model into MoEBERT in place.
 
-Table-driven over ``config.model_type``; works on instances only (no class swapping,
-nothing at import time). Every argument is checked before the model is touched, so a
+Table-driven over ``config.model_type`` (``FAMILIES``); works on instances: the model keeps its
+class, its config becomes the family's MoE config class (``hf/auto.py``) so a saved student names
+moebert_kernels in its ``model_type``. Every argument is checked before the model is touched, so a
 bad call leaves the model as it was.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -13,9 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
-from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, RoutingContext, SentenceGate, TokenGate
+from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, RoutingState, SentenceGate, TokenGate
+from ..ops.dispatch import BACKENDS
 
-__all__ = ["MoEBertSettings", "SUPPORTED_MODEL_TYPES", "expert_neuron_ids", "patch", "moe_layers", "aux_loss"]
+__all__ = ["FAMILIES", "MoEBertSettings", "SUPPORTED_MODEL_TYPES", "aux_loss", "default_expert_sizes",
+           "expert_neuron_ids", "family_of", "moe_layers", "patch"]
 
 # HF activation name -> moe_ffn activation.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -23,17 +27,30 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 
 
 @dataclass(frozen=True)
-class _Family:
+class Family:
+    model_type: str  # the dense model's config.model_type
+    prefix: str  # transformers class names: f"{prefix}Config", f"{prefix}Model", f"{prefix}For<Task>"
     layers: str  # attribute path from the base model to the layer list
     style: str  # "bert": intermediate/output pair; "distilbert": ffn + output_layer_norm
 
+    @property
+    def moe_model_type(self) -> str:
+        """``model_type`` of a saved student: names the package that can load it."""
+        return f"moebert_kernels_{self.model_type}"
 
-_FAMILIES = {
-    "bert": _Family("encoder.layer", "bert"),
-    "roberta": _Family("encoder.layer", "bert"),
-    "distilbert": _Family("transformer.layer", "distilbert"),
-}
-SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+FAMILIES = (
+    Family("bert", "Bert", "encoder.layer", "bert"),
+    Family("roberta", "Roberta", "encoder.layer", "bert"),
+    Family("distilbert", "DistilBert", "transformer.layer", "distilbert"),
+)
+SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in FAMILIES)
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in (f.model_type, f.moe_model_type)}
+
+
+def family_of(model_type: Optional[str]) -> Optional[Family]:
+    """The family of a dense or MoE ``model_type``, or None."""
+    return _BY_MODEL_TYPE.get(model_type)
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,18 @@ class MoEBertSettings:
     router: str = "hash"
     seed: int = 0
     activation: str = "gelu"
+    aux_loss_coef: float = 0.0
+
+
+def default_expert_sizes(d_ff: int, expert_size: Optional[int] = None,
+                         shared: Optional[int] = None) -> tuple[int, int]:
+    """``(expert_size, shared)`` with the defaults filled in: ``d_ff // 4`` and 2/3 of the expert
+    size rounded down to a multiple of 8 (BERT-base: 768 and 512, the paper's sizes)."""
+    if expert_size is None:
+        expert_size = d_ff // 4
+    if shared is None and isinstance(expert_size, int):
+        shared = expert_size * 2 // 3 // 8 * 8
+    return expert_size, shared
 
 
 def expert_neuron_ids(importance: Optional[Tensor], d_ff: int, num_experts: int, expert_size: int,
@@ -93,12 +122,12 @@ def _get(obj, path: str):
 def _base_and_family(model: nn.Module):
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES:
+    if family_of(model_type) is None:
+        classes = ", ".join(f"{f.prefix}Model/{f.prefix}For*" for f in FAMILIES)
         raise ValueError(f"moebert_kernels.patch supports model types {list(SUPPORTED_MODEL_TYPES)} "
-                         f"(BertModel/BertFor*, RobertaModel/RobertaFor*, DistilBert*); got {model_type!r} "
-                         f"({type(model).__name__})")
+                         f"({classes}); got {model_type!r} ({type(model).__name__})")
     base = getattr(model, "base_model", model)
-    return base, _FAMILIES[model_type], config
+    return base, family_of(model_type), config
 
 
 def _dense_ffn(layer: nn.Module, style: str):
@@ -121,22 +150,27 @@ def _make_router(kind: str, config, d: int, E: int, seed: int, token_counts: Opt
     return (TokenGate if kind == "token_gate" else SentenceGate)(d, E)
 
 
-def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared: int = 512,
+def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = None, shared: Optional[int] = None,
           importance: Optional[Tensor] = None, router: str = "hash", seed: int = 0,
-          token_counts: Optional[Tensor] = None, backend: Optional[str] = None,
+          token_counts: Optional[Tensor] = None, backend: Optional[str] = None, aux_loss_coef: float = 0.0,
           _from_checkpoint: bool = False) -> nn.Module:
     """Replace every layer's FFN of a HF BERT/RoBERTa/DistilBERT model with ``MoEFeedForward``.
 
     Args:
         model: a stock HF model (``BertModel``, ``BertFor*``, ``RobertaModel``, ``RobertaFor*``,
             ``DistilBert*``; MiniLM-style checkpoints are BERT).
-        num_experts, expert_size, shared: MoEBERT's N, expert width and shared neurons.
+        num_experts, expert_size, shared: MoEBERT's N, expert width and shared neurons; the sizes
+            default to ``default_expert_sizes(d_ff)`` (d_ff/4 and 2/3 of that: 768/512 for BERT-base).
         importance: ``[L, d_ff]`` neuron importance (see ``expert_neuron_ids``); None keeps the dense order.
         router: one of ``"hash"`` (the paper's default), ``"balanced_hash"`` (needs ``token_counts``),
             ``"token_gate"``, ``"sentence_gate"``.
         seed: layer l's hash table is drawn with ``seed + l``.
         token_counts: ``[vocab_size]`` token frequencies for ``"balanced_hash"``.
-        backend: force a backend for every MoE layer (default: the dispatch decides).
+        backend: force a backend for every MoE layer (one of ``ops.dispatch.BACKENDS``; default: the
+            dispatch decides).
+        aux_loss_coef: gate routers only: the model adds ``aux_loss_coef * aux_loss(model)`` to
+            ``outputs.loss`` whenever it computes a loss (labels passed), like transformers'
+            ``router_aux_loss_coef``.
 
     Returns the same model, patched. ``model.config.moebert`` records the settings.
     """
@@ -146,6 +180,16 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
         raise ValueError("model is already patched with MoEFeedForward layers")
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {list(ROUTERS)}, got {router!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} or None, got {backend!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if isinstance(aux_loss_coef, bool) or not isinstance(aux_loss_coef, (int, float)) or \
+            not math.isfinite(aux_loss_coef) or aux_loss_coef < 0:
+        raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {aux_loss_coef!r}")
+    if aux_loss_coef and router not in ("token_gate", "sentence_gate"):
+        raise ValueError(f"aux_loss_coef is the weight of the gate routers' balancing loss; router={router!r} "
+                         "has none (use token_gate or sentence_gate, or leave aux_loss_coef at 0)")
     if router == "balanced_hash" and token_counts is not None:
         if tuple(torch.as_tensor(token_counts).shape) != (config.vocab_size,):
             raise ValueError(f"token_counts must be [vocab_size] = ({config.vocab_size},), "
@@ -158,6 +202,7 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
     activation = _ACTIVATIONS[hf_act]
     dense = [_dense_ffn(layer, family.style) for layer in layers]
     d_ff, d = dense[0][0].shape
+    expert_size, shared = default_expert_sizes(d_ff, expert_size, shared)
     _check_sizes(d_ff, num_experts, expert_size, shared)
     if importance is not None:
         importance = torch.as_tensor(importance)
@@ -168,9 +213,10 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
             raise ValueError("importance holds NaN or inf")
     neuron_ids = [expert_neuron_ids(None if importance is None else importance[i], d_ff, num_experts, expert_size,
                                     shared) for i in range(len(layers))]
+    from .auto import moe_config_class  # auto.py builds its classes from this file's table
 
     # Everything is checked: from here on the model changes.
-    context = RoutingContext()
+    routing = RoutingState()
     for i, (layer, (w1, b1, w2, b2, lnw, lnb, eps, p)) in enumerate(zip(layers, dense)):
         r = _make_router(router, config, d, num_experts, seed + i, token_counts)
         moe = MoEFeedForward(d, expert_size, num_experts, router=r.to(w1.device), activation=activation, dropout=p,
@@ -178,9 +224,7 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
                              device=w1.device, dtype=w1.dtype)
         moe.load_dense(w1.detach(), b1.detach(), w2.detach(), b2.detach(), lnw.detach(), lnb.detach(), neuron_ids[i])
         moe.train(layer.training)  # new modules start in train mode; keep the model's mode
-        moe._context = context
-        if isinstance(r, HashRouter):
-            context.hash_layers[i] = r
+        object.__setattr__(moe, "_routing", routing)  # a reference, not a submodule: the base model owns it
         if family.style == "bert":
             layer.intermediate = nn.Identity()
             layer.output = moe
@@ -189,15 +233,47 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: int = 768, shared
             layer.ffn = moe
             layer.output_layer_norm = DeferredExpertLayerNorm(moe)
 
-    def _begin(module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        context.begin(input_ids, mask)
-
-    model._moebert_hook = base.register_forward_pre_hook(_begin, with_kwargs=True)
-    model._moebert_context = context
-    config.moebert = asdict(MoEBertSettings(num_experts, expert_size, shared, router, seed, activation))
+    base.moebert_routing = routing  # parameter-less: the state dict keys stay those of the checkpoint
+    base.register_forward_pre_hook(_begin_batch, with_kwargs=True)
+    base.register_forward_hook(_end_batch, always_call=True)
+    if aux_loss_coef:
+        model.register_forward_hook(_add_aux_loss, with_kwargs=True)
+    config.__class__ = moe_config_class(family)
+    config.moebert = asdict(MoEBertSettings(num_experts, expert_size, shared, router, seed, activation,
+                                            float(aux_loss_coef)))
     return model
+
+
+# Module-level hooks (no closures), so copies, pickles, EMA and quantized models route like the original.
+def _begin_batch(base: nn.Module, args, kwargs) -> None:
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    hash_routers = {m.layer_idx: m.router for m in moe_layers(base) if isinstance(m.router, HashRouter)}
+    base.moebert_routing.begin(input_ids, mask, hash_routers)
+
+
+def _end_batch(base: nn.Module, args, output) -> None:
+    base.moebert_routing.end()
+    for m in moe_layers(base):
+        m._last_plan = None
+
+
+def _add_aux_loss(model: nn.Module, args, kwargs, output):
+    # A loss is there when labels were passed: the ModelOutput's "loss", or a tuple's first item.
+    as_tuple = isinstance(output, tuple)
+    if as_tuple:
+        has_loss = any(kwargs.get(k) is not None for k in ("labels", "start_positions", "end_positions"))
+        loss = output[0] if has_loss else None
+    else:
+        loss = output.get("loss") if isinstance(output, dict) else None
+    aux = aux_loss(model) if loss is not None else None
+    if aux is None:
+        return output
+    loss = loss + model.config.moebert["aux_loss_coef"] * aux
+    if as_tuple:
+        return (loss,) + output[1:]
+    output["loss"] = loss
+    return output
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:

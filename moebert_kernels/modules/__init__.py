@@ -1,9 +1,9 @@
 """nn.Modules over ops."""
 from .distill import DistillationLoss, DistillOutput
 from .moe import DeferredExpertLayerNorm, MoEFeedForward
-from .routers import (BalancedHashRouter, GateOutput, HashRouter, RoutingContext, SentenceGate, TokenGate,
+from .routers import (BalancedHashRouter, GateOutput, HashRouter, RoutingState, SentenceGate, TokenGate,
                       switch_load_balancing_loss)
 
 __all__ = ["BalancedHashRouter", "DeferredExpertLayerNorm", "GateOutput", "HashRouter", "MoEFeedForward",
-           "RoutingContext", "SentenceGate", "TokenGate", "switch_load_balancing_loss"]
+           "RoutingState", "SentenceGate", "TokenGate", "switch_load_balancing_loss"]
 __all__ += ["DistillationLoss", "DistillOutput"]

@@ -15,7 +15,7 @@ from ..ops import moe_ffn
 from ..ops.expert_layer_norm import expert_layer_norm
 from ..ops.moe_ffn import ACTIVATIONS
 from ..ops.routing import RoutingPlan
-from .routers import HashRouter, RoutingContext, SentenceGate, TokenGate
+from .routers import HashRouter, RoutingState, SentenceGate, TokenGate
 
 __all__ = ["MoEFeedForward", "DeferredExpertLayerNorm"]
 
@@ -31,7 +31,7 @@ class MoEFeedForward(nn.Module):
         activation: ``"gelu"`` (exact erf, BERT), ``"gelu_tanh"`` or ``"relu"``.
         dropout: applied to the FFN output before the residual add.
         layer_norm_eps: BERT uses 1e-12.
-        layer_idx: which layer's plan to take from a shared ``RoutingContext``.
+        layer_idx: which layer's plan to take from the model's ``RoutingState``.
         fuse_norm: False returns ``dropout(ffn(x))`` and leaves the residual LayerNorm to
             a ``DeferredExpertLayerNorm`` (DistilBERT applies it outside its FFN).
         backend: force a backend for this module; None lets the dispatch decide.
@@ -76,7 +76,7 @@ class MoEFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.router = router
         self.aux_loss: Optional[Tensor] = None
-        self._context: Optional[RoutingContext] = None
+        self._routing: Optional[RoutingState] = None  # the model's, set by patch (not a submodule)
         self._last_plan: Optional[RoutingPlan] = None
         self.reset_parameters()
 
@@ -117,15 +117,13 @@ class MoEFeedForward(nn.Module):
               input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None):
         """Return ``(plan, gate_probs_or_None, aux_loss_or_None)`` for ``hidden_states [..., d]``."""
         T = hidden_states.numel() // self.hidden_size
-        ctx = self._context
+        state = self._routing
         if plan is not None:
             return plan, None, None
         router = self.router
         if isinstance(router, HashRouter):
-            if input_ids is None and ctx is not None:
-                plan = ctx.plans.get(self.layer_idx)
-                if plan is None:
-                    input_ids = ctx.input_ids
+            if input_ids is None and state is not None:
+                plan = state.plan(self.layer_idx, T)
             if plan is None:
                 if input_ids is None:
                     raise ValueError(
@@ -134,17 +132,18 @@ class MoEFeedForward(nn.Module):
                 if input_ids.numel() != T:
                     raise ValueError(f"input_ids has {input_ids.numel()} tokens but hidden_states has {T}")
                 plan = RoutingPlan.from_expert_ids(router(input_ids.reshape(-1)), self.num_experts, validate=False)
-            elif plan.num_tokens != T:
-                raise ValueError(f"the batch's routing plan covers {plan.num_tokens} tokens but hidden_states has "
-                                 f"{T}; was this layer called outside its model's forward?")
             return plan, None, None
+        if attention_mask is None and state is not None and state.usable():
+            attention_mask = state.attention_mask
         if isinstance(router, SentenceGate):
             if hidden_states.dim() != 3:
                 raise ValueError("sentence routing needs [B, S, d] hidden states")
-            mask = attention_mask if attention_mask is not None else (ctx.attention_mask if ctx else None)
-            out = router(hidden_states, mask)
+            out = router(hidden_states, attention_mask)
         elif isinstance(router, TokenGate):
-            out = router(hidden_states.reshape(-1, self.hidden_size))
+            if attention_mask is not None and attention_mask.numel() != T:
+                raise ValueError(f"attention_mask has {attention_mask.numel()} tokens but hidden_states has {T}")
+            out = router(hidden_states.reshape(-1, self.hidden_size),
+                         None if attention_mask is None else attention_mask.reshape(-1))
         elif router is None:
             raise ValueError("this MoEFeedForward has no router: pass plan=")
         else:

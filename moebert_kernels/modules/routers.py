@@ -1,7 +1,7 @@
 """Top-1 routers. Each is an nn.Module whose state (tables, gate weights) is saved with the model.
 
 Hash routers map token ids to experts through a fixed table and are computed once per
-batch for every layer (see ``RoutingContext``); gates are computed inside each layer
+batch for every layer (see ``RoutingState``); gates are computed inside each layer
 from its hidden states.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = [
     "BalancedHashRouter",
     "GateOutput",
     "HashRouter",
-    "RoutingContext",
+    "RoutingState",
     "SentenceGate",
     "TokenGate",
     "switch_load_balancing_loss",
@@ -110,14 +110,16 @@ class GateOutput:
     aux_loss: Tensor  # scalar Switch load-balancing loss
 
 
-def switch_load_balancing_loss(probs: Tensor, expert_ids: Tensor) -> Tensor:
-    """Switch Transformer's N * sum_i f_i * P_i over rows of ``probs`` [n, E]."""
+def switch_load_balancing_loss(probs: Tensor, expert_ids: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Switch Transformer's N * sum_i f_i * P_i over rows of ``probs`` [n, E]; rows where
+    ``mask`` [n] is 0 (padding) count in neither f_i nor P_i."""
     E = probs.shape[-1]
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    f = torch.zeros(E, dtype=probs.dtype, device=probs.device).scatter_add_(
-        0, expert_ids, torch.ones_like(expert_ids, dtype=probs.dtype)) / probs.shape[0]
-    return E * (f * probs.mean(0)).sum()
+    w = torch.ones_like(expert_ids, dtype=probs.dtype) if mask is None else mask.to(probs.dtype)
+    n = w.sum().clamp_min(1.0)
+    f = torch.zeros(E, dtype=probs.dtype, device=probs.device).scatter_add_(0, expert_ids, w) / n
+    return E * (f * (probs * w.unsqueeze(-1)).sum(0) / n).sum()
 
 
 class TokenGate(nn.Module):
@@ -132,17 +134,20 @@ class TokenGate(nn.Module):
         self.num_experts = num_experts
         self.proj = nn.Linear(hidden_size, num_experts)
 
-    def _route(self, x: Tensor) -> GateOutput:
+    def _route(self, x: Tensor, mask: Optional[Tensor] = None) -> GateOutput:
         # fp32 softmax: bf16 logits make top-1 ties and a noisy balancing loss.
         logits = F.linear(x.float(), self.proj.weight.float(), self.proj.bias.float())
         probs = logits.softmax(-1)
         top_p, top_i = probs.max(-1)
-        return GateOutput(top_i, top_p, switch_load_balancing_loss(probs, top_i))
+        return GateOutput(top_i, top_p, switch_load_balancing_loss(probs, top_i, mask))
 
-    def forward(self, x: Tensor) -> GateOutput:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> GateOutput:
+        """``x [T, d]``; ``mask [T]`` (1 = real token) keeps padding out of the balancing loss."""
         if x.dim() != 2:
             raise ValueError(f"TokenGate expects [T, d] tokens, got shape {tuple(x.shape)}")
-        return self._route(x)
+        if mask is not None and tuple(mask.shape) != (x.shape[0],):
+            raise ValueError(f"mask must be [T] = ({x.shape[0]},), got {tuple(mask.shape)}")
+        return self._route(x, mask)
 
 
 class SentenceGate(TokenGate):
@@ -168,27 +173,54 @@ class SentenceGate(TokenGate):
 ROUTERS = {cls.kind: cls for cls in (HashRouter, BalancedHashRouter, TokenGate, SentenceGate)}
 
 
-class RoutingContext:
-    """Routing state of one patched model for the current batch.
+def _in_backward() -> bool:
+    # Activation checkpointing re-runs a layer's forward while autograd executes a node.
+    return torch._C._current_autograd_node() is not None
 
-    A pre-forward hook on the base model calls :meth:`begin` with the batch's
-    ``input_ids``; it builds the plans of every hash-routed layer in one batched sort,
-    and each layer looks its plan up instead of recomputing it. Plans stay valid until
-    the next ``begin``, so activation checkpointing can replay a layer in backward.
+
+class RoutingState(nn.Module):
+    """Per-batch routing state of one patched model, held by its base model as ``moebert_routing``.
+
+    It has no parameters or buffers, so the model's state dict is unchanged. The base model's
+    pre-forward hook calls :meth:`begin`, which builds the plans of every hash-routed layer in one
+    batched sort; each layer looks its plan up. The post-forward hook calls :meth:`end`: the batch
+    is over, and a layer called afterwards gets an error instead of a stale plan. With grad enabled
+    the plans are kept for a backward that recomputes checkpointed layers, and only then usable.
     """
 
     def __init__(self):
-        self.input_ids: Optional[Tensor] = None
+        super().__init__()
+        self.active = False
         self.attention_mask: Optional[Tensor] = None
         self.plans: dict[int, RoutingPlan] = {}
-        self.hash_layers: dict[int, HashRouter] = {}
 
-    def begin(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor]) -> None:
-        self.input_ids, self.attention_mask, self.plans = input_ids, attention_mask, {}
-        if input_ids is None or not self.hash_layers:
+    def begin(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor],
+              hash_routers: dict[int, HashRouter]) -> None:
+        self.active, self.attention_mask, self.plans = True, attention_mask, {}
+        if input_ids is None or not hash_routers:
             return
         flat = input_ids.reshape(-1)
-        layers = sorted(self.hash_layers)
-        ids = torch.stack([self.hash_layers[i](flat) for i in layers])
-        num_experts = self.hash_layers[layers[0]].num_experts
+        layers = sorted(hash_routers)
+        ids = torch.stack([hash_routers[i](flat) for i in layers])
+        num_experts = hash_routers[layers[0]].num_experts
         self.plans = dict(zip(layers, plans_from_expert_ids(ids, num_experts, validate=False)))
+
+    def end(self) -> None:
+        self.active = False
+        if not torch.is_grad_enabled():
+            self.attention_mask, self.plans = None, {}
+
+    def usable(self) -> bool:
+        """True inside the model's forward, or inside a backward that recomputes a layer."""
+        return self.active or (bool(self.plans or self.attention_mask is not None) and _in_backward())
+
+    def plan(self, layer_idx: int, num_tokens: int) -> Optional[RoutingPlan]:
+        """The batch's plan of one hash-routed layer; None when the model got no ``input_ids``."""
+        if not self.usable():
+            raise ValueError("no routing plan for this batch: was this layer called outside its model's forward? "
+                             "Call the patched model, or pass input_ids= or plan= to this layer")
+        plan = self.plans.get(layer_idx)
+        if plan is not None and plan.num_tokens != num_tokens:
+            raise ValueError(f"the batch's routing plan covers {plan.num_tokens} tokens but hidden_states has "
+                             f"{num_tokens}; was this layer called outside its model's forward?")
+        return plan

@@ -57,8 +57,9 @@ def is_moebert_checkpoint(path: str) -> bool:
 
 def _check_family(config, path: str, role: str) -> None:
     from moebert_kernels import SUPPORTED_MODEL_TYPES
+    from moebert_kernels.hf import family_of
 
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    if family_of(config.model_type) is None:
         raise ValueError(f"{role} checkpoint {path} is a {config.model_type!r} model; MoEBERT supports "
                          f"{list(SUPPORTED_MODEL_TYPES)} (BERT-family encoders)")
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 __all__ = ["convert", "run"]
 
 
-def convert(model, importance=None, num_experts: int = 4, expert_size: int = 768, shared: int = 512,
+def convert(model, importance=None, num_experts: int = 4, expert_size=None, shared=None,
             router: str = "hash", seed: int = 0, token_counts=None):
-    """Patch ``model`` in place (see ``moebert_kernels.patch``); ``importance`` is ``[L, d_ff]``."""
+    """Patch ``model`` in place (see ``moebert_kernels.patch``, which fills in the default sizes);
+    ``importance`` is ``[L, d_ff]``."""
     import moebert_kernels as mk
 
     return mk.patch(model, num_experts=num_experts, expert_size=expert_size, shared=shared,
@@ -26,6 +27,8 @@ def _token_counts(tokenizer, task, rows, vocab_size):
 
 
 def run(args) -> int:
+    from moebert_kernels import default_expert_sizes
+
     from .common import load_config, load_teacher, load_tokenizer
     from .importance import ffn_linears, load_importance
     from .tasks import get_task
@@ -36,8 +39,7 @@ def run(args) -> int:
                          id2label=getattr(config, "id2label", None))
     pairs = ffn_linears(model)
     d_ff = pairs[0][0].out_features
-    expert_size = args.expert_size or d_ff // 4
-    shared = args.shared if args.shared is not None else expert_size * 2 // 3
+    expert_size, shared = default_expert_sizes(d_ff, args.expert_size, args.shared)
     importance = None
     if args.importance:
         importance = load_importance(args.importance, len(pairs), d_ff)
