@@ -32,8 +32,10 @@ def _require(module: str):
 
 def input_names(config) -> list[str]:
     """The graph's inputs: token type ids only where the family has more than one type."""
+    from ..hf import family_of
+
     names = ["input_ids", "attention_mask"]
-    if config.model_type != "distilbert" and getattr(config, "type_vocab_size", 0) > 1:
+    if family_of(config.model_type).model_type != "distilbert" and getattr(config, "type_vocab_size", 0) > 1:
         names.append("token_type_ids")
     return names
 
@@ -75,14 +77,14 @@ def export(model: nn.Module, path: str, tokenizer=None, *, opset_version: int = 
     match PyTorch to a relative error of 1e-4 (fp32), else a RuntimeError is raised and the folder is
     left without a model file. Returns the path of the ONNX file.
     """
-    from ..hf import SUPPORTED_MODEL_TYPES
+    from ..hf import SUPPORTED_MODEL_TYPES, family_of
 
     for m in ("onnx", "onnxscript", "onnxruntime"):
         _require(m)
     from .translations import TRANSLATIONS
 
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    if family_of(getattr(config, "model_type", None)) is None:
         raise ValueError(f"export supports Hugging Face models of types {list(SUPPORTED_MODEL_TYPES)}, got "
                          f"{type(model).__name__} ({getattr(config, 'model_type', None)!r})")
     device = next(model.parameters()).device
