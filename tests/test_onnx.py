@@ -118,6 +118,24 @@ def test_hash_batch_on_one_expert(tmp_path_factory):
     _check(model, ortm, ids, mask)
 
 
+@pytest.mark.parametrize("family,router", [("bert", "token_gate"), ("distilbert", "hash")])
+def test_tied_shared_expert_matches(family, router, tmp_path):
+    import inspect
+
+    if "tie_shared" not in inspect.signature(mk.patch).parameters:
+        pytest.skip("patch() has no tie_shared: the tied shared expert is not in this tree")
+    model = _tiny(family)
+    mk.patch(model, num_experts=E, expert_size=16, shared=8, router=router, tie_shared=True)
+    for layer in mk.moe_layers(model):
+        assert layer.shared_size == 8
+        if router == "token_gate":
+            torch.nn.init.normal_(layer.router.proj.weight, std=1.0)
+    model.eval()
+    ortm = mo.OrtModel(mo.export(model, str(tmp_path / "tied")), threads=1)
+    for seed, (B, S) in enumerate([(1, 7), (8, 19)]):
+        _check(model, ortm, *_batch(B, S, seed))
+
+
 def test_file_is_standard_onnx_with_weights_as_initializers(tmp_path_factory):
     model, _, file = _exported("bert", "hash", tmp_path_factory)
     proto = onnx.load(file)

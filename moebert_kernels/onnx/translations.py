@@ -52,10 +52,21 @@ def repeat_interleave_self_int(self, repeats, dim=None, output_size=None):
     return op.Reshape(tiled, out_shape)
 
 
+def _linear(x, w, b=None):
+    """x @ w.T (+ b) for a weight initializer w [out, in]; onnxruntime folds the transpose at load time."""
+    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    return y if b is None else op.Add(y, b)
+
+
+# The op's outputs: (out, hidden) or, with the tied shared expert's op, (out, hidden, shared_hidden).
+_MOE_FFN_OUTPUTS = len(torch.ops.moebert.moe_ffn_fwd.default._schema.returns)
+
+
 def moe_ffn_fwd(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate=None, activation: str = "gelu",
-                backend: str = "torch", save_hidden: bool = False):
+                backend: str = "torch", save_hidden: bool = False, shared_w1=None, shared_b1=None, shared_w2=None):
     """moebert::moe_ffn_fwd: gather rows into expert order, one GEMM pair per expert on its slice of rows
-    (a slice may be empty), scatter back. E is static (the weights' first dim), the slices are dynamic."""
+    (a slice may be empty), scatter back to token order; then the tied shared FFN's product (if any) is
+    added and the gate (if any) scales the sum. E is static (the weights' first dim), the slices dynamic."""
     E = w1.shape[0]
     xs = op.Gather(x, sorted_token_ids, axis=0)
     zero = op.Constant(value_ints=[0])
@@ -63,24 +74,25 @@ def moe_ffn_fwd(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate=None, 
     for e in range(E):
         lo = op.Slice(expert_offsets, op.Constant(value_ints=[e]), op.Constant(value_ints=[e + 1]))
         hi = op.Slice(expert_offsets, op.Constant(value_ints=[e + 1]), op.Constant(value_ints=[e + 2]))
-        xe = op.Slice(xs, lo, hi, zero)
         idx = op.Constant(value_int=e)
-        he = op.Add(op.MatMul(xe, op.Transpose(op.Gather(w1, idx, axis=0), perm=[1, 0])), op.Gather(b1, idx, axis=0))
-        ye = op.Add(op.MatMul(_activate(he, activation), op.Transpose(op.Gather(w2, idx, axis=0), perm=[1, 0])),
-                    op.Gather(b2, idx, axis=0))
-        ys.append(ye)
+        he = _linear(op.Slice(xs, lo, hi, zero), op.Gather(w1, idx, axis=0), op.Gather(b1, idx, axis=0))
+        ys.append(_linear(_activate(he, activation), op.Gather(w2, idx, axis=0), op.Gather(b2, idx, axis=0)))
         hs.append(he)
-    y_sorted = op.Concat(*ys, axis=0)
-    if gate is not None:
-        g = op.Cast(op.Gather(gate, sorted_token_ids, axis=0), to=x.dtype)
-        y_sorted = op.Mul(y_sorted, op.Unsqueeze(g, op.Constant(value_ints=[1])))
     out_shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(w2, start=1, end=2), axis=0)
     zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), out_shape)
-    out = op.ScatterND(zeros, op.Unsqueeze(sorted_token_ids, op.Constant(value_ints=[1])), y_sorted)
-    # The GEMM1 pre-activation in expert order, kept only for a backward; empty at inference, as in the op.
+    out = op.ScatterND(zeros, op.Unsqueeze(sorted_token_ids, op.Constant(value_ints=[1])), op.Concat(*ys, axis=0))
+    # Pre-activations, kept only for a backward: empty at inference, as in the op.
     empty = op.Slice(op.Reshape(x, op.Constant(value_ints=[-1])), zero, zero)
+    shared_hidden = empty
+    if shared_w1 is not None:
+        h_shared = _linear(x, shared_w1, shared_b1)
+        out = op.Add(_linear(_activate(h_shared, activation), shared_w2), out)
+        if save_hidden:
+            shared_hidden = h_shared
+    if gate is not None:
+        out = op.Mul(out, op.Unsqueeze(op.Cast(gate, to=x.dtype), op.Constant(value_ints=[1])))
     hidden = op.Concat(*hs, axis=0) if save_hidden else empty
-    return out, hidden
+    return (out, hidden, shared_hidden) if _MOE_FFN_OUTPUTS == 3 else (out, hidden)
 
 
 def expert_layer_norm_fwd(x, residual, expert_ids, weight, bias, eps: float = 1e-12, backend: str = "torch"):
