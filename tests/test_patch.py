@@ -141,6 +141,13 @@ def test_patched_weights_are_the_expected_slices():
         assert torch.equal(moe.w2[e], w2[:, want]) and torch.equal(moe.b2[e], b2)
 
 
+def test_default_sizes_fit_a_small_ffn():
+    model = tiny("bert")  # d_ff = 64: the BERT-base sizes (768/512) would not fit
+    mk.patch(model)
+    moe = mk.moe_layers(model)[0]
+    assert (moe.num_experts, moe.expert_size, model.config.moebert["shared"]) == (4, 16, 8)
+
+
 def test_model_defaults_bert_base_sizes():
     cfg = BertConfig(vocab_size=64, hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
                      intermediate_size=3072)
@@ -166,15 +173,22 @@ def test_inputs_embeds_with_hash_routing_says_what_to_do():
     (dict(importance=torch.rand(L, FF - 1)), "importance"),
     (dict(router="learned"), "router"),
     (dict(num_experts=0), "num_experts"),
+    (dict(backend="tpu"), "backend"),
+    (dict(seed="0"), "seed"),
+    (dict(aux_loss_coef=-1.0, router="token_gate"), "aux_loss_coef"),
+    (dict(aux_loss_coef=float("nan"), router="token_gate"), "aux_loss_coef"),
+    (dict(aux_loss_coef=0.1), "gate"),
 ])
 def test_bad_patch_arguments_leave_model_untouched(kwargs, msg):
     model = tiny("bert")
     args = dict(num_experts=4, expert_size=24, shared=12)
     args.update(kwargs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    config_class = type(model.config)
     with pytest.raises(ValueError, match=msg):
         mk.patch(model, **args)
     assert not mk.moe_layers(model) and "moebert" not in model.config.to_dict()
+    assert type(model.config) is config_class and not model.bert._forward_pre_hooks
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .patch import MoEBertSettings, patch
+from .patch import MoEBertSettings
 
 __all__ = ["from_pretrained", "load_safetensors_state"]
 
@@ -44,7 +44,7 @@ def from_pretrained(path: str, model_class: Optional[type] = None, device: Optio
     """
     import transformers
 
-    from .auto import MOE_CLASSES, dense_class
+    from .auto import MOE_CLASSES, dense_class, patch_from_config
 
     if not os.path.isdir(path):
         if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
@@ -65,9 +65,7 @@ def from_pretrained(path: str, model_class: Optional[type] = None, device: Optio
             raise ValueError(f"cannot tell the model class of {path} (architectures={arch!r}); pass model_class=")
     elif model_class.__name__ in MOE_CLASSES:  # those patch themselves; build the stock class, patch it here
         model_class = dense_class(model_class.__name__)
-    model = model_class(config)
-    patch(model, settings.num_experts, settings.expert_size, settings.shared, router=settings.router,
-          seed=settings.seed, backend=backend, aux_loss_coef=settings.aux_loss_coef, _from_checkpoint=True)
+    model = patch_from_config(model_class(config), backend=backend)
     state = load_safetensors_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)

@@ -136,7 +136,11 @@ class TokenGate(nn.Module):
 
     def _route(self, x: Tensor, mask: Optional[Tensor] = None) -> GateOutput:
         # fp32 softmax: bf16 logits make top-1 ties and a noisy balancing loss.
-        logits = F.linear(x.float(), self.proj.weight.float(), self.proj.bias.float())
+        proj = self.proj
+        if isinstance(proj, nn.Linear):
+            logits = F.linear(x.float(), proj.weight.float(), proj.bias.float())
+        else:  # a Linear swapped in by a tool (quantize_dynamic's) computes its own way
+            logits = proj(x.float()).float()
         probs = logits.softmax(-1)
         top_p, top_i = probs.max(-1)
         return GateOutput(top_i, top_p, switch_load_balancing_loss(probs, top_i, mask))

