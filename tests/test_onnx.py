@@ -6,6 +6,8 @@ standard ONNX; the CLI exports a student, refuses a dense folder, and `evaluate 
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,7 +218,10 @@ def test_cli_evaluate_and_predict_onnx_match_pytorch(app_folders):
     for kind, where in (("pt", ["--model", str(app_folders / "student"), "--device", "cpu"]),
                         ("ort", ["--onnx", str(app_folders / "onnx")])):
         out = app_folders / f"metrics_{kind}.json"
-        assert main(["evaluate", *where, *data, "--output", str(out)]) == 0
+        # A fresh process, as a user runs it: nothing imported beforehand registers the model types.
+        run = subprocess.run([sys.executable, "-m", "moebert.cli", "evaluate", *where, *data, "--output", str(out)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
         res[kind] = json.load(open(out))
         pred = app_folders / f"pred_{kind}.jsonl"
         assert main(["predict", *where, "--task", "classification", "--data", str(app_folders / "dev.jsonl"),
