@@ -68,6 +68,17 @@ def _rel_err(got, want) -> float:
     return float((torch.as_tensor(got).double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
+def _fold_weights(model) -> None:
+    """Fold each expert's weight slice and transpose into an initializer of its own. onnxscript's default
+    folding limits (256k elements) leave BERT-size weights as Gather/Transpose nodes, which
+    ``quantize_dynamic`` cannot quantize and every session would fold again at load time."""
+    from onnxscript import optimizer
+
+    limit = 1 << 40
+    optimizer.fold_constants(model, input_size_limit=limit, output_size_limit=limit)
+    optimizer.remove_unused_nodes(model)
+
+
 def export(model: nn.Module, path: str, tokenizer=None, *, opset_version: int = 18, check: bool = True) -> str:
     """Export ``model`` (a patched MoEBERT student or a dense model of a supported family) to ``path``.
 
@@ -103,6 +114,7 @@ def export(model: nn.Module, path: str, tokenizer=None, *, opset_version: int = 
                 opset_version=opset_version, verbose=False)
     finally:
         model.train(was_training)
+    _fold_weights(program.model)
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, MODEL_FILE)
     program.save(file)
