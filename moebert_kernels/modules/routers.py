@@ -189,7 +189,8 @@ class RoutingState(nn.Module):
     pre-forward hook calls :meth:`begin`, which builds the plans of every hash-routed layer in one
     batched sort; each layer looks its plan up. The post-forward hook calls :meth:`end`: the batch
     is over, and a layer called afterwards gets an error instead of a stale plan. With grad enabled
-    the plans are kept for a backward that recomputes checkpointed layers, and only then usable.
+    the plans are kept for a backward that recomputes checkpointed layers, and only then usable;
+    they are the last forward's, so that backward must follow its own forward (a train step does).
     """
 
     def __init__(self):
