@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from onnx_ir import DataType
 from onnx_ir import tensor as ir_tensor
 from onnxscript import opset18 as op
 
@@ -53,7 +54,7 @@ def repeat_interleave_self_int(self, repeats, dim=None, output_size=None):
 
 
 def _linear(x, w, b=None):
-    """x @ w.T (+ b) for a weight initializer w [out, in]; onnxruntime folds the transpose at load time."""
+    """x @ w.T (+ b) for a weight initializer w [out, in]; ``export`` folds the transpose into an initializer."""
     y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
     return y if b is None else op.Add(y, b)
 
@@ -98,15 +99,14 @@ def moe_ffn_fwd(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate=None, 
 def expert_layer_norm_fwd(x, residual, expert_ids, weight, bias, eps: float = 1e-12, backend: str = "torch"):
     """moebert::expert_layer_norm_fwd: fp32 (fp64 for fp64) LayerNorm of x + residual, then each token's
     expert affine; returns (y, mean [T], rstd [T]) like the op."""
-    from onnx_ir import DataType
     acc = DataType.DOUBLE if DataType.DOUBLE in (x.dtype, weight.dtype) or (
         residual is not None and residual.dtype == DataType.DOUBLE) else DataType.FLOAT
     z = op.Cast(x, to=acc)
     out_dtype = x.dtype
     if residual is not None:
         z = op.Add(z, op.Cast(residual, to=acc))
-        if residual.dtype != x.dtype:  # torch.result_type of two float dtypes: the wider one
-            out_dtype = acc if DataType.FLOAT in (x.dtype, residual.dtype) or acc == DataType.DOUBLE else x.dtype
+        if residual.dtype != x.dtype:  # torch.result_type of two different float dtypes is fp32 or fp64, as acc
+            out_dtype = acc
     d = op.Shape(z, start=1, end=2)
     one = op.Expand(op.CastLike(op.Constant(value_float=1.0), z), d)
     n, mean, rstd = op.LayerNormalization(z, one, op.Sub(one, one), axis=-1, epsilon=eps)
