@@ -79,7 +79,8 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "onnx", "onnxscript", "onnxruntime"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "data": ["datasets"],
     },
     entry_points={"console_scripts": ["moebert=moebert.cli:main"]},

@@ -85,6 +85,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="auto is bf16/fp16 on CUDA, fp32 on CPU")
 
 
+def _model_or_onnx(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help=f"{what} (default: none; give this or --onnx)")
+    g.add_argument("--onnx", help="folder from `moebert export`, run in ONNX Runtime on CPU "
+                                  "(default: none, --model runs in PyTorch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebert", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"moebert {__version__}")
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: __import__("moebert.distill", fromlist=["run"]).run(a))
 
     p = sub.add_parser("evaluate", help="task metrics (GLUE conventions / SQuAD EM-F1) and throughput")
-    p.add_argument("--model", required=True, help="teacher or MoEBERT checkpoint")
+    _model_or_onnx(p, "teacher or MoEBERT checkpoint")
     p.add_argument("--batch-size", type=int, default=64, help="examples per batch")
     _device_arg(p)
     p.add_argument("--output", help="also write the metrics as JSON here (default: print only)")
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: __import__("moebert.evaluate", fromlist=["run_evaluate"]).run_evaluate(a))
 
     p = sub.add_parser("predict", help="classify text in batches (JSON lines out)")
-    p.add_argument("--model", required=True)
+    _model_or_onnx(p, "teacher or MoEBERT checkpoint")
     p.add_argument("--task", required=True)
     p.add_argument("--text", action="append", help="a text to classify (repeatable; tab separates a pair; "
                                                     "default: none, read --data)")
@@ -170,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(p)
     p.add_argument("--output", help="JSON lines file (default: stdout)")
     p.set_defaults(func=lambda a: __import__("moebert.evaluate", fromlist=["run_predict"]).run_predict(a))
+
+    p = sub.add_parser("export", help="export a MoEBERT student to ONNX (OUT/model.onnx + tokenizer, config)")
+    p.add_argument("--model", required=True, help="MoEBERT student folder")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the onnxruntime parity check of the file (default: check)")
+    p.set_defaults(func=lambda a: __import__("moebert.export", fromlist=["run"]).run(a))
 
     p = sub.add_parser("demo", help="the whole chain on the embedded model and movie-review data (offline)")
     from .demo import add_arguments

@@ -40,6 +40,8 @@ def resolve_precision(precision: str, device: str) -> str:
 def load_config(path: str):
     from transformers import AutoConfig
 
+    import moebert_kernels  # noqa: F401  registers the students' model types with AutoConfig
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -120,15 +120,32 @@ def _golds(task, rows):
     return out
 
 
+def _load(args, task):
+    """``(model, tokenizer, device)``: the PyTorch checkpoint of ``--model``, or with ``--onnx`` the exported
+    file run in ONNX Runtime on CPU (called like the HF model)."""
+    from .common import load_any, load_tokenizer, resolve_device
+
+    if not getattr(args, "onnx", None):
+        device = resolve_device(args.device)
+        return load_any(args.model, task, device), load_tokenizer(args.model), device
+    from moebert_kernels.onnx import OrtModel
+
+    model = OrtModel(args.onnx, threads=torch.get_num_threads())
+    if model.config is None:
+        raise ValueError(f"{args.onnx} holds no config.json: pass a folder written by `moebert export`")
+    need = "start_logits" if task.qa else "logits"
+    if need not in model.output_names:
+        raise ValueError(f"{args.onnx} outputs {model.output_names}; task {task.name!r} needs {need!r}")
+    return model, load_tokenizer(args.onnx), "cpu"
+
+
 def run_evaluate(args) -> int:
-    from .common import load_any, load_tokenizer, parameter_counts, resolve_device
+    from .common import parameter_counts
     from .data import encode, label_maps, rows_from_args
     from .tasks import get_task
 
     task = get_task(args.task)
-    device = resolve_device(args.device)
-    model = load_any(args.model, task, device)
-    tokenizer = load_tokenizer(args.model)
+    model, tokenizer, device = _load(args, task)
     rows = rows_from_args(task, args)
     feats = encode(tokenizer, task, rows, args.max_length or 128, label_maps(task, rows.labels, model.config),
                    getattr(model.config, "num_labels", task.num_labels))
@@ -136,8 +153,10 @@ def run_evaluate(args) -> int:
     result = score(task, logits, feats, [t[1] for t in rows.texts] if task.qa else None, _golds(task, rows))
     if not args.no_throughput:
         result["examples_per_s"] = throughput(model, feats, tokenizer, args.batch_size, device)
-    total, active = parameter_counts(model)
-    result.update(params_total=total, params_active=active, examples=len(rows), split=args.split)
+    if isinstance(model, torch.nn.Module):
+        total, active = parameter_counts(model)
+        result.update(params_total=total, params_active=active)
+    result.update(examples=len(rows), split=args.split, runtime="onnxruntime" if args.onnx else "pytorch")
     print(json.dumps(result, indent=2))
     if args.output:
         with open(args.output, "w") as f:
@@ -146,14 +165,11 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    from .common import load_any, load_tokenizer, resolve_device
     from .data import Rows, encode, load_rows
     from .tasks import get_task
 
     task = get_task(args.task)
-    device = resolve_device(args.device)
-    model = load_any(args.model, task, device)
-    tokenizer = load_tokenizer(args.model)
+    model, tokenizer, device = _load(args, task)
     if args.text:
         rows = Rows([tuple(t.split("\t")) if task.qa else (t,) for t in args.text], None, "--text")
     else:

@@ -1,0 +1,19 @@
+"""``moebert export``: a MoEBERT student folder -> ``OUT/model.onnx`` + config + tokenizer for ONNX Runtime."""
+from __future__ import annotations
+
+__all__ = ["run"]
+
+
+def run(args) -> int:
+    import moebert_kernels.onnx as mo
+
+    from .common import is_moebert_checkpoint, load_config, load_student, load_tokenizer
+
+    load_config(args.model)
+    if not is_moebert_checkpoint(args.model):
+        raise ValueError(f"{args.model} is not a MoEBERT student (its config.json has no 'moebert' settings): "
+                         "export a folder written by `moebert convert` or `moebert distill`")
+    model = load_student(args.model, device="cpu")
+    file = mo.export(model.float(), args.output, load_tokenizer(args.model), check=not args.no_check)
+    print(f"wrote {file} (checked in onnxruntime: {not args.no_check})")
+    return 0
