@@ -71,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--importance", help="file from `moebert importance`")
     p.add_argument("--no-importance", action="store_true", help="keep the dense neuron order (no importance)")
-    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--num-experts", type=int, help="experts per layer (default: 4)")
     p.add_argument("--expert-size", type=int, help="neurons per expert (default: d_ff/4, 768 for BERT-base)")
+    p.add_argument("--baseline", choices=["pruned"],
+                   help="pruned: instead of experts, one dense FFN of the top --expert-size neurons by importance "
+                        "(the same-cost baseline to distil beside the MoE student)")
     p.add_argument("--shared", type=int, help="neurons shared by all experts (default: 2/3 of --expert-size)")
     p.add_argument("--router", default="hash", help="hash (paper default), balanced_hash, token_gate, sentence_gate")
     p.add_argument("--seed", type=int, default=0)

@@ -121,7 +121,7 @@ def _golds(task, rows):
 
 
 def run_evaluate(args) -> int:
-    from .common import load_any, load_tokenizer, parameter_counts, resolve_device
+    from .common import describe, load_any, load_tokenizer, parameter_counts, resolve_device
     from .data import encode, label_maps, rows_from_args
     from .tasks import get_task
 
@@ -137,7 +137,8 @@ def run_evaluate(args) -> int:
     if not args.no_throughput:
         result["examples_per_s"] = throughput(model, feats, tokenizer, args.batch_size, device)
     total, active = parameter_counts(model)
-    result.update(params_total=total, params_active=active, examples=len(rows), split=args.split)
+    result.update(params_total=total, params_active=active, examples=len(rows), split=args.split,
+                  model=describe(model))
     print(json.dumps(result, indent=2))
     if args.output:
         with open(args.output, "w") as f:
