@@ -79,8 +79,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib"],
         "data": ["datasets"],
+        "study": ["matplotlib"],
     },
     entry_points={"console_scripts": ["moebert=moebert.cli:main"]},
     ext_modules=ext_modules,

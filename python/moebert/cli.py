@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON lines file (default: stdout)")
     p.set_defaults(func=lambda a: __import__("moebert.evaluate", fromlist=["run_predict"]).run_predict(a))
 
+    p = sub.add_parser("study", help="quality study: MoE students beside the pruned dense baseline, seeds, tasks")
+    from .study import add_arguments as study_arguments
+
+    study_arguments(p)
+    p.set_defaults(func=lambda a: __import__("moebert.study", fromlist=["run"]).run(a))
+
     p = sub.add_parser("demo", help="the whole chain on the embedded model and movie-review data (offline)")
     from .demo import add_arguments
 

@@ -107,9 +107,10 @@ def throughput(model, feats: list[dict], tokenizer, batch_size: int = 64, device
 
 
 def compare(models: dict, task, feats: list[dict], tokenizer, device: str = "cpu", rounds: int = 2,
-            batch_size: int = 64) -> dict:
-    """Metrics, parameter counts and ex/s of several models on the same features. The timing passes
-    are interleaved (model A, B, ..., A, B, ...; best pass counts) so every model sees the same load."""
+            batch_size: int = 64, speed_feats: Optional[list[dict]] = None) -> dict:
+    """Metrics, parameter counts and ex/s of several models on the same features (timed on
+    ``speed_feats`` when given). The timing passes are interleaved (model A, B, ..., A, B, ...;
+    best pass counts) so every model sees the same load."""
     from .common import describe, parameter_counts
 
     out = {}
@@ -120,7 +121,8 @@ def compare(models: dict, task, feats: list[dict], tokenizer, device: str = "cpu
     for _ in range(rounds):
         for name, m in models.items():
             out[name]["examples_per_s"] = max(out[name]["examples_per_s"],
-                                              throughput(m, feats, tokenizer, batch_size, device, repeats=1))
+                                              throughput(m, speed_feats or feats, tokenizer, batch_size, device,
+                                                         repeats=1))
     return out
 
 
