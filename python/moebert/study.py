@@ -129,8 +129,8 @@ def plan(settings: dict, d_ff: int, tied: bool) -> list[tuple]:
         if unknown:
             raise ValueError(f"unknown --students {unknown}; this study has {known}")
         roster = [s for s in roster if s.key in settings["students"]]
-    for task in settings["tasks"]:
-        for seed in settings["seeds"]:
+    for seed in settings["seeds"]:  # seed-major: a study stopped half-way has every cell once
+        for task in settings["tasks"]:
             jobs.append(("teacher", task, seed))
             jobs += [("cell", task, seed, "base", s) for s in roster]
             if task in settings["large_tasks"]:
