@@ -60,7 +60,7 @@ def test_quick_study_end_to_end_and_resume(bare_model, tmp_path, capsys):
     table = (out / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| snli | base")]
     assert len(rows) == 2 and "(2) |" in rows[0]
-    assert rows[1].split("|")[6].strip().startswith(("+", "-"))  # the MoE row's paired difference to pruned
+    assert rows[1].split("|")[7].strip().startswith(("+", "-"))  # the MoE row's paired difference to pruned
     assert (out / "accuracy_vs_speed.png").stat().st_size > 0
 
     # interrupted after all but one cell: a rerun does that one only

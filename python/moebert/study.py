@@ -282,6 +282,8 @@ def run(args) -> int:
                     regime, student = job[3], job[4]
                     out = os.path.join(work, f"{task.name}-seed{seed}", f"{regime}-{student.key}")
                     convert.run(convert_args(tdir, task.name, out + "-init", imp_file, seed, **student.convert))
+                    if student.kind == "tied":
+                        _check_tied(out + "-init")
                     rows, epochs = _distill_size(task.name, regime, settings, train_rows)
                     t1 = time.perf_counter()
                     distill.run(distill_args(tdir, out + "-init", out, max_rows=rows, epochs=epochs,
@@ -313,6 +315,15 @@ def run(args) -> int:
     return 0
 
 
+def _check_tied(folder: str) -> None:
+    """A tied student must say so in its config: never report an untied copy as tied."""
+    with open(os.path.join(folder, "config.json")) as f:
+        settings = json.load(f).get("moebert", {})
+    if settings.get("tie_shared") is not True:
+        raise ValueError(f"moebert convert ignored tie_shared=True ({folder} records {settings}); "
+                         "run the study with --students without the tied-* keys")
+
+
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -333,11 +344,11 @@ def write_table(data: dict, path: str, hardware: str = "") -> str:
     cells = _cells(data)
     lines = [f"Quality study{' (--quick)' if s.get('quick') else ''}: model {os.path.basename(s['model'])} "
              f"(d_ff {s['d_ff']}), seeds {s['seeds']}, teacher {s['teacher_rows']} rows, students "
-             f"{s['distill_rows']} rows x 1 epoch (larger-data regime: {s['large_rows'] or 'all'} rows x "
+             f"{s['distill_rows']} rows, 1 epoch (larger-data regime: {s['large_rows'] or 'all'} rows, "
              f"{s['large_epochs']:g} epochs), test rows {s['eval_rows'] or 'all'}, max length {s['max_length']}"
              + (f"; {hardware}" if hardware else "") + ".", "",
-             "| task | regime | student | active params | accuracy (mean ± sd, n) | vs pruned, same seed | "
-             "ex/s | speed-up vs teacher |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| task | regime | student | params total | active | accuracy, % (mean ± sd, n) | vs pruned, same seed | "
+             "ex/s | speed-up vs teacher |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     by_seed = {(r["task"], r.get("regime", "teacher"), r["student"], r["seed"]): r for r in data["records"].values()}
     for (task, regime, key), recs in cells.items():
         acc = _mean_sd([100 * r["accuracy"] for r in recs])
@@ -351,7 +362,7 @@ def write_table(data: dict, path: str, hardware: str = "") -> str:
                 diff = f"{m:+.2f} ± {sd:.2f}"
         speed = _mean_sd([r["examples_per_s"] for r in recs])
         up = "1.00×" if regime == "teacher" else f"{_mean_sd([r['speedup'] for r in recs])[0]:.2f}×"
-        lines.append(f"| {task} | {'—' if regime == 'teacher' else regime} | {label} | {recs[0]['params_active']:,} | "
+        lines.append(f"| {task} | {'—' if regime == 'teacher' else regime} | {label} | {recs[0]['params_total']:,} | {recs[0]['params_active']:,} | "
                      f"{acc[0]:.2f} ± {acc[1]:.2f} ({len(recs)}) | {diff} | {speed[0]:.0f} | {up} |")
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
