@@ -81,3 +81,13 @@ def test_unknown_student_is_refused(bare_model, tmp_path, capsys):
     assert main(["study", "--model", bare_model, "--output", str(tmp_path / "s"), "--students", "moe-d3",
                  *SIZES]) == 2
     assert "unknown --students ['moe-d3']" in capsys.readouterr().err
+
+
+def test_an_untied_student_is_never_reported_as_tied(tmp_path):
+    from moebert.study import _check_tied
+
+    (tmp_path / "config.json").write_text(json.dumps({"moebert": {"num_experts": 4, "shared": 256}}))
+    with pytest.raises(ValueError, match="ignored tie_shared=True"):
+        _check_tied(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"moebert": {"num_experts": 4, "tie_shared": True}}))
+    _check_tied(str(tmp_path))
