@@ -13,7 +13,7 @@ import sys
 def _data_args(p: argparse.ArgumentParser, split: str = "train", labels: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task", required=True, help="glue task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), "
-                                                 "squad, movie_reviews, or classification/regression for own files")
+                                                 "squad, movie_reviews, snli, or classification/regression for own files")
     g.add_argument("--data", help="local CSV/TSV/JSONL file (default: the task's hub dataset or shipped file)")
     g.add_argument("--split", default=split, help=f"split to use (default: {split}); with --split-column, the "
                                                   "rows whose split column has this value")
