@@ -14,8 +14,8 @@ Every benchmark calls ``Bench.run(fn, ...)`` (the ``bench`` fixture from conftes
   therefore device time).
 
 ``extra_info`` gets: device, dtype, T, E, impl, mode, flops, tflops, the measured rate of a
-dense GEMM pair of equal FLOPs on the same device (``gemm_pair_tflops``) and the fraction
-``frac_gemm_pair``.
+dense GEMM pair of equal FLOPs on the same device (``gemm_pair_tflops``; for a forward + backward, the pair's
+six GEMMs) and the fraction ``frac_gemm_pair``.
 """
 from __future__ import annotations
 
@@ -148,13 +148,15 @@ def _median(xs: list[float]) -> float:
 _GEMM_RATES: dict[tuple, float] = {}
 
 
-def gemm_pair_tflops(T: int, d: int, h: int, dtype: torch.dtype, device: torch.device, reps: int = 10) -> float:
+def gemm_pair_tflops(T: int, d: int, h: int, dtype: torch.dtype, device: torch.device, reps: int = 10,
+                     backward: bool = False) -> float:
     """Measured TFLOP/s of a plain dense GEMM pair ``[T,d]x[d,h] -> [T,h]x[h,d]`` (cuBLAS/MKL).
 
     This is the rate an ideal routed FFN of the same FLOPs could reach; the MoE benchmarks
-    report their fraction of it. Cached per shape.
+    report their fraction of it. ``backward``: the pair's forward and the four GEMMs of its backward
+    (dX and dW of each), the work of a training step. Cached per shape.
     """
-    key = (T, d, h, dtype, str(device))
+    key = (T, d, h, dtype, str(device), backward)
     if key in _GEMM_RATES:
         return _GEMM_RATES[key]
     g = torch.Generator(device=device).manual_seed(0)
@@ -162,8 +164,17 @@ def gemm_pair_tflops(T: int, d: int, h: int, dtype: torch.dtype, device: torch.d
     w1 = torch.randn(h, d, device=device, dtype=dtype, generator=g) * d ** -0.5
     w2 = torch.randn(d, h, device=device, dtype=dtype, generator=g) * h ** -0.5
 
+    g_out = torch.randn(T, d, device=device, dtype=dtype, generator=g)
+
     def pair():
-        return torch.mm(torch.mm(x, w1.t()), w2.t())
+        hid = torch.mm(x, w1.t())
+        y = torch.mm(hid, w2.t())
+        if backward:  # dH = G W2, dW2 = G^T H, dX = dH W1, dW1 = dH^T X
+            dh = torch.mm(g_out, w2)
+            torch.mm(g_out.t(), hid)
+            torch.mm(dh, w1)
+            torch.mm(dh.t(), x)
+        return y
 
     with torch.no_grad():
         for _ in range(2):
@@ -182,7 +193,7 @@ def gemm_pair_tflops(T: int, d: int, h: int, dtype: torch.dtype, device: torch.d
                 pair()
                 samples.append(time.perf_counter() - t0)
             t = _median(samples)
-    rate = 4.0 * T * d * h / t / 1e12
+    rate = 4.0 * T * d * h * (3 if backward else 1) / t / 1e12
     _GEMM_RATES[key] = rate
     return rate
 
@@ -219,9 +230,10 @@ class Bench:
         self.disabled = bool(config.getoption("benchmark_disable", False))
 
     def run(self, fn: Callable[[], object], *, flops: Optional[float] = None, ref_gemm: Optional[tuple] = None,
-            warmup: int = 2, **info):
+            ref_backward: bool = False, warmup: int = 2, **info):
         """Time ``fn`` (no arguments). ``flops``: useful FLOPs of one call (for TFLOP/s).
-        ``ref_gemm``: (T, d, h) of the dense GEMM pair to compare the rate with.
+        ``ref_gemm``: (T, d, h) of the dense GEMM pair to compare the rate with (with its backward GEMMs
+        too when ``ref_backward``: for a timed forward + backward).
         Other keyword arguments go to ``extra_info`` as they are."""
         bm, dev = self.benchmark, self.device
         ei = bm.extra_info
@@ -253,7 +265,7 @@ class Bench:
             ei["flops"] = flops
             ei["tflops"] = round(flops / med / 1e12, 4)
             if ref_gemm is not None:
-                rate = gemm_pair_tflops(*ref_gemm, bench_dtype(dev), dev)
+                rate = gemm_pair_tflops(*ref_gemm, bench_dtype(dev), dev, backward=ref_backward)
                 ei["gemm_pair_tflops"] = round(rate, 4)
                 ei["frac_gemm_pair"] = round(ei["tflops"] / rate, 4)
         return result

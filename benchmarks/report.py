@@ -9,6 +9,8 @@ Usage:
   MoEBERT-style loop. End-to-end groups get speed-ups against the dense model; any other group
   (e.g. the distillation loss) gets a generic table against its ``eager`` row.
 - A targets table checks the numbers against the issues' targets (met / not met / not measured).
+- GPU: a table of the cuda and triton backends' fraction of cuBLAS dense GEMMs of equal FLOPs at BERT-base
+  shape (bf16, E=4, T in 1k/4k/16k/64k), forward and forward + backward.
 - The header states device, torch, triton and CUDA versions, the date and the command, all taken
   from the JSON (so it describes the machine that ran the benchmarks, not the one running this).
 - ``--out`` replaces (or appends) the section between ``<!-- bench:NAME:start/end -->`` markers
@@ -127,6 +129,36 @@ def moe_tables(rows: list[Row], stat: str) -> dict[tuple, list[dict]]:
     for v in out.values():
         v.sort(key=lambda d: (d["T"] or 0, _impl_rank(d["impl"])))
     return dict(sorted(out.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))))
+
+
+CUBLAS_TOKENS = (1024, 4096, 16384, 65536)
+
+
+def cublas_fractions(rows: list[Row]) -> dict[int, dict[tuple, float]]:
+    """{T: {(impl, mode): frac_gemm_pair}} for the kernel backends' GPU moe_ffn rows at BERT-base shape
+    (bf16, E=4, d=h=768): the fraction of a cuBLAS dense GEMM of equal FLOPs (median-based)."""
+    out: dict[int, dict[tuple, float]] = {}
+    for r in rows:
+        if (r.kind == "moe_ffn" and r.impl in KERNEL_IMPLS and r.get("device_type") == "cuda"
+                and r.get("dtype") == "bfloat16" and r.get("E") == 4 and r.get("T") in CUBLAS_TOKENS
+                and r.get("d", 768) == 768 and r.get("h", 768) == 768 and r.get("frac_gemm_pair") is not None):
+            out.setdefault(r.get("T"), {})[(r.impl, r.get("mode"))] = float(r.get("frac_gemm_pair"))
+    return dict(sorted(out.items()))
+
+
+def _cublas_table(rows: list[Row]) -> list[str]:
+    fr = cublas_fractions(rows)
+    if not fr:
+        return []
+    cols = [(impl, mode) for impl in KERNEL_IMPLS for mode in ("fwd", "fwd+bwd")]
+    lines = ["### MoE-FFN kernels as a fraction of cuBLAS (bf16, E=4, d=h=768)", "",
+             "Each backend's TFLOP/s over that of cuBLAS dense GEMMs of equal FLOPs on the same GPU: the forward "
+             "GEMM pair (`[T,768]x[768,768]` twice) for `fwd`, the pair and its four backward GEMMs for "
+             "`fwd+bwd` (median times). 1.00 would be routed experts at the dense rate.", "",
+             "| T |" + "".join(f" {i} {m} |" for i, m in cols), "|---:|" + "---:|" * len(cols)]
+    for T, vals in fr.items():
+        lines.append(f"| {T} |" + "".join(f" {_num(vals.get(c))} |" for c in cols))
+    return lines + [""]
 
 
 def _impl_rank(impl: str) -> int:
@@ -254,6 +286,7 @@ def render(rows: list[Row], env: dict, stat: str, title: str, command: Optional[
         lines += ["### Targets", "", "| target | measured | verdict |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in tg]
         lines.append("")
+    lines += _cublas_table(rows)
     other = "median" if stat == "min" else "min"
     tables = moe_tables(rows, stat)
     if tables:

@@ -17,10 +17,13 @@ batch for all 12 layers); the loop baseline sorts inside, as MoEBERT does in eve
 Routing is uniform random (what a hash router gives). d = h = 768.
 
 CPU (fp32, 2 threads): T in {128, 1024}, E = 4 by default; ``MOEBERT_BENCH_FULL=1`` for all.
-GPU (bf16): T in {128, 1k, 4k, 16k, 64k}, E in {4, 8}.
+GPU (bf16): T in {128, 1k, 4k, 16k, 64k}, E in {4, 8} (``MOEBERT_BENCH_EXPERTS=4``: E = 4 only).
+Every row's ``frac_gemm_pair`` is its rate over cuBLAS dense GEMMs of equal FLOPs (forward: the GEMM pair;
+forward + backward: the pair and its four backward GEMMs); report.py tabulates it for cuda and triton.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import pytest
@@ -38,6 +41,8 @@ if DEVICE.type == "cuda" or full_matrix():
     TOKENS, EXPERTS = [128, 1024, 4096, 16384, 65536], [4, 8]
 else:
     TOKENS, EXPERTS = [128, 1024], [4]
+if os.environ.get("MOEBERT_BENCH_EXPERTS"):  # e.g. "4": the BERT-base rows only (scripts/gpu_check.sh)
+    EXPERTS = [int(e) for e in os.environ["MOEBERT_BENCH_EXPERTS"].split(",")]
 MODES = ["fwd", "fwd+bwd"]
 IMPLS = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
 BACKENDS = ("torch", "triton", "cuda")
@@ -201,7 +206,7 @@ def test_moe_ffn(bench, mode, E, T, impl):
         wbytes = sum(t.numel() for t in weights) * weights[0].element_size()
         info["weight_bytes"] = wbytes
         info["weight_floor_us"] = round(wbytes / copy_bandwidth(DEVICE) * 1e6, 3)
-    bench.run(fn, flops=flops, ref_gemm=(T, D, hidden), **info)
+    bench.run(fn, flops=flops, ref_gemm=(T, D, hidden), ref_backward=train, **info)
     if DEVICE.type == "cuda" and "weight_floor_us" in info and bench.benchmark.stats is not None:
         med_us = bench.benchmark.stats.stats.median * 1e6
         bench.benchmark.extra_info["x_weight_floor"] = round(med_us / info["weight_floor_us"], 3)

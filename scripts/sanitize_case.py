@@ -7,7 +7,8 @@ Run by scripts/gpu_check.sh as
 out-of-bounds access instead of landing in a neighbour inside a pooled block).
 
 - moe_ffn, backends cuda and triton: T=37 (not a multiple of any block), E=4 with one empty
-  expert, gate on and off, fp32 and bf16, forward + backward, checked against the float64 reference.
+  expert, gate on and off, fp32 and bf16, forward + backward: the output and every gradient (the gate's
+  included) checked against the float64 reference.
 - distill_loss, backends cuda and triton: 13 hidden states [2, 7, 768], 3 classes, with labels,
   forward + backward.
 - expert_layer_norm, backends cuda and triton: T=37, d=100, bf16 FFN output with an fp32 residual,
@@ -48,16 +49,25 @@ def moe_case(backend: str, dtype: torch.dtype, gated: bool, device: str = "cuda"
     y.backward(gy)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    ref = moe_ffn_reference(x.double().to(dev), plan.sorted_token_ids, plan.expert_offsets,
-                            *(t.double().to(dev) for t in w), None if gate is None else gate.double().to(dev))
+    ref_leaves = [t.detach().to(dtype).double().to(dev).requires_grad_(True) for t in [x] + w]
+    ref_gate = gate.detach().double().to(dev).requires_grad_(True) if gated else None
+    ref = moe_ffn_reference(ref_leaves[0], plan.sorted_token_ids, plan.expert_offsets, *ref_leaves[1:], ref_gate)
+    ref.backward(gy.double())
     err = _rel(y, ref)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     if not err < tol:
         raise AssertionError(f"forward relative error {err:.2e} > {tol:g}")
-    bad = [n for n, t in zip(("x", "w1", "b1", "w2", "b2"), leaves) if not torch.isfinite(t.grad).all()]
-    if bad:
-        raise AssertionError(f"non-finite gradients: {bad}")
-    return f"rel err {err:.1e}"
+    # Every gradient, the gate's included, against the reference's.
+    pairs = list(zip(("x", "w1", "b1", "w2", "b2"), leaves, ref_leaves)) + ([("gate", gl, ref_gate)] if gated else [])
+    worst = 0.0
+    for name, got, want in pairs:
+        if got.grad is None or not torch.isfinite(got.grad).all():
+            raise AssertionError(f"d{name} is missing or non-finite")
+        e = _rel(got.grad, want.grad)
+        if not e < 2 * tol:
+            raise AssertionError(f"d{name} relative error {e:.2e} > {2 * tol:g}")
+        worst = max(worst, e)
+    return f"rel err {err:.1e}, worst gradient {worst:.1e}"
 
 
 def distill_case(backend: str, dtype: torch.dtype, device: str = "cuda") -> str:

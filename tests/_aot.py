@@ -17,7 +17,9 @@ def build(kernel, types, consts, num_warps, arch, num_stages=3):
     sig, attrs = {}, {}
     for i, n in enumerate(kernel.arg_names):
         sig[n] = "constexpr" if n in consts else types[n]
-        if sig[n].startswith("*"):
+        if isinstance(sig[n], tuple):  # a tuple argument: its elements are indexed (i, j)
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j, t in enumerate(sig[n]) if t.startswith("*")})
+        elif sig[n].startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})

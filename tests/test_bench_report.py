@@ -130,6 +130,34 @@ def test_gpu_targets(report, tmp_path):
     assert "| 128 | triton | 6.0 us | 6.0 us | - | 0.50 | 3.33x | 66.67x | 1.50 |" in md
 
 
+def test_gpu_fraction_of_cublas_table(report, tmp_path):
+    """cuda and triton at BERT-base shape (bf16, E=4, T 1k..64k), fwd and fwd+bwd: their fraction of cuBLAS."""
+    kw = dict(device_type="cuda", dtype="bfloat16", d=768, h=768)
+    rows = []
+    for i, T in enumerate((1024, 4096, 16384, 65536)):
+        rows += [_moe("fwd", T, "triton", 1e-4, 1e-4, frac_gemm_pair=0.4 + i / 10, **kw),
+                 _moe("fwd+bwd", T, "triton", 3e-4, 3e-4, frac_gemm_pair=0.3 + i / 10, **kw),
+                 _moe("fwd", T, "cuda", 1e-3, 1e-3, frac_gemm_pair=0.05 + i / 100, **kw),
+                 _moe("fwd", T, "dense", 1e-4, 1e-4, frac_gemm_pair=0.99, **kw)]
+    rows += [_moe("fwd", 128, "triton", 1e-5, 1e-5, frac_gemm_pair=0.11, **kw),  # not a BERT-base batch
+             _moe("fwd", 1024, "cuda", 1e-3, 1e-3, frac_gemm_pair=0.77, E=8, **kw),  # E=8
+             _moe("fwd", 4096, "triton", 1e-3, 1e-3, frac_gemm_pair=0.66, device_type="cpu", dtype="bfloat16")]
+    rows_, env = report.load([_write(tmp_path, rows, device_type="cuda")])
+    fr = report.cublas_fractions(rows_)
+    assert list(fr) == [1024, 4096, 16384, 65536]
+    assert fr[1024] == {("triton", "fwd"): 0.4, ("triton", "fwd+bwd"): 0.3, ("cuda", "fwd"): 0.05}
+    assert fr[65536][("triton", "fwd")] == pytest.approx(0.7)
+    md = report.render(rows_, env, "median", "GPU")
+    assert "### MoE-FFN kernels as a fraction of cuBLAS (bf16, E=4, d=h=768)" in md
+    assert "| T | triton fwd | triton fwd+bwd | cuda fwd | cuda fwd+bwd |" in md
+    assert "| 1024 | 0.40 | 0.30 | 0.05 | - |" in md
+    assert "| 16384 | 0.60 | 0.50 | 0.07 | - |" in md
+    assert "| 128 |" not in md.split("fraction of cuBLAS")[1].split("###")[0]
+    # no GPU rows: no table
+    cpu, env = report.load([_write(tmp_path, CPU_ROWS, name="cpu.json")])
+    assert report.cublas_fractions(cpu) == {} and "fraction of cuBLAS" not in report.render(cpu, env, "median", "CPU")
+
+
 def test_section_is_replaced_not_duplicated(report, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nhand-written intro\n")

@@ -1,4 +1,5 @@
 """distill_loss: every backend against the float64 autograd reference (loss, components and every gradient)."""
+import importlib
 import math
 
 import pytest
@@ -358,31 +359,110 @@ def test_prediction_only_no_hidden_states(backend):
     assert out.per_layer.shape == (0,) and _rel(out.loss, ref.loss) < 1e-5 and _rel(sl.grad, sl64.grad) < 1e-5
 
 
+@pytest.fixture
+def host_copies(monkeypatch):
+    """Records every tensor made from host data (torch.tensor, torch.as_tensor) and every CPU -> device copy.
+
+    Python-level wrappers, not a dispatch mode: a mode does not see the ops inside a custom op's kernel.
+    """
+    seen = []
+
+    def wrap(owner, name, check):
+        real = getattr(owner, name)
+
+        def spy(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if check(args, out):
+                seen.append(name)
+            return out
+        monkeypatch.setattr(owner, name, spy)
+
+    wrap(torch, "tensor", lambda a, out: True)
+    wrap(torch, "as_tensor", lambda a, out: not isinstance(a[0], torch.Tensor))
+    wrap(torch.Tensor, "to", lambda a, out: a[0].device.type == "cpu" and out.device.type != "cpu")
+    wrap(torch.Tensor, "copy_", lambda a, out: a[1].device.type == "cpu" and a[0].device.type != "cpu")
+    return seen
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_triton_second_call_copies_nothing_from_the_host(masked, host_copies):
+    """Each call's constants depend only on shapes and loss weights: built once, not copied per call (a host
+    sync on every step, and not CUDA-graph capturable)."""
+    device = "cuda" if HAS_GPU else "cpu"
+    ok, why = backend_status("distill_loss", "triton", torch.device(device))
+    if not ok:
+        pytest.skip(why)
+    opts = dict(lam=0.7, alpha_ce=1.3, layer_weights=[0.5 + i / L for i in range(L)], mask_padding=masked)
+    cache = getattr(importlib.import_module("moebert_kernels.ops.distill_loss"), "device_constant", None)
+    if cache is not None:
+        cache.cache_clear()  # so the first call below builds the constants
+    for call in range(2):
+        sh, th, sl, tl, y, mask = _make(device=device, seed=call)
+        host_copies.clear()
+        distill_loss(sh, th, sl, tl, y, mask, backend="triton", **opts).loss.backward()
+        if call == 0:
+            assert host_copies, "the first call builds its constants, yet the check saw none: it cannot fail"
+    assert host_copies == [], f"the second call made tensors from host data: {host_copies}"
+
+
+@requires_gpu
+def test_triton_is_cuda_graph_capturable():
+    """No host copy or sync per call, so a captured forward (gradients included) replays on new inputs.
+    Without labels: their range check reads values on the host."""
+    ok, why = backend_status("distill_loss", "triton", torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    sh, th, sl, tl, _, mask = _make(B=4, S=16, C=3, labels=False, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        return distill_loss(sh, th, sl, tl, None, mask, backend="triton", mask_padding=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compiles the kernels and builds the constants outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    g = torch.Generator().manual_seed(5)
+    for t in th + [tl]:
+        t.copy_(torch.randn(t.shape, generator=g).to(t))
+    graph.replay()
+    eager = step()
+    torch.cuda.synchronize()
+    for name in ("loss", "hidden_mse", "pred", "per_layer"):
+        assert torch.equal(getattr(captured, name), getattr(eager, name)), name
+
+
 # ---- compiled for sm_80 and sm_90 without a GPU: catches what the interpreter cannot ----------
 
 # A fresh interpreter: with TRITON_INTERPRET=1 set at import, triton.jit hands back interpreter objects.
-# Covers the int64 -> typed-pointer casts of the address tables, the loop-carried online-softmax
-# scalars and every constexpr branch, with the JIT's specializations (ints equal to 1 are constexpr).
+# Covers the pointer selects over the tuple arguments, the loop-carried online-softmax scalars and every
+# constexpr branch, with the JIT's specializations (ints equal to 1 are constexpr).
 _AOT_SCRIPT = r"""
 from moebert_kernels.triton import distill_loss as D
 
 n = 0
 for arch in (90, 80):
-    for dt, mask, grad, one in (("bf16", True, True, False), ("fp32", False, False, True), ("fp16", True, False, False)):
-        types = dict(meta_ptr="*i64", mask_ptr="*fp32", inv_count_ptr="*fp32", partial_ptr="*fp32",
-                     s_witness="*" + dt, L="i32", n_blocks="i32")
-        extra = dict(L=1, n_blocks=1) if one else {}
-        build(D._distill_hidden_fwd_kernel, types, dict(HAS_MASK=mask, COMPUTE_GRAD=grad, BLOCK=D.HIDDEN_BLOCK, **extra),
-              8, arch)
+    for dt, mask, grad, L in (("bf16", True, True, 13), ("fp32", False, False, 1), ("fp16", True, False, 2)):
+        ptrs = ("*" + dt,) * L
+        types = dict(S=ptrs, T=ptrs, G=ptrs, meta_ptr="*i64", mask_ptr="*fp32", inv_count_ptr="*fp32",
+                     partial_ptr="*fp32", n_blocks="i32")
+        extra = dict(n_blocks=1) if L == 1 else {}
+        build(D._distill_hidden_fwd_kernel, types,
+              dict(L=L, HAS_MASK=mask, COMPUTE_GRAD=grad, BLOCK=D.HIDDEN_BLOCK, **extra), 8, arch)
         n += 1
     for dt, pred, reg, labels, grad, block_c, one in (
             ("bf16", 0, False, True, True, D.MAX_BLOCK_C, False), ("fp16", 1, False, True, True, 16, True),
             ("fp32", 2, False, False, True, 64, False), ("bf16", 0, True, True, True, 16, True),
             ("fp32", 1, False, False, False, 1024, False)):
-        types = dict(meta_ptr="*i64", labels_ptr="*fp32" if reg else "*i64", ce_norm_ptr="*fp32",
-                     pred_norm_ptr="*fp32", row_ce_ptr="*fp32", row_pred_ptr="*fp32", s_witness="*" + dt,
-                     heads="i32", B="i32", C="i32", alpha_ce="fp32", lam="fp32", temperature="fp32")
-        extra = dict(heads=1, B=1) if one else {}
+        ptrs = ("*" + dt,) * (1 if one else 2)
+        types = dict(S=ptrs, T=ptrs, G=ptrs, labels_ptr="*fp32" if reg else "*i64", ce_norm_ptr="*fp32",
+                     pred_norm_ptr="*fp32", row_ce_ptr="*fp32", row_pred_ptr="*fp32",
+                     B="i32", C="i32", alpha_ce="fp32", lam="fp32", temperature="fp32")
+        extra = dict(heads=len(ptrs), B=1) if one else dict(heads=len(ptrs))
         if reg:
             extra["C"] = 1
         build(D._distill_logits_fwd_kernel, types, dict(PRED=pred, IS_REG=reg, HAS_LABELS=labels, COMPUTE_GRAD=grad,

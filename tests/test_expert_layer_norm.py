@@ -225,6 +225,18 @@ def test_bad_input_is_named(mutate, exc, msg):
         expert_layer_norm(**args)
 
 
+@pytest.mark.parametrize("bad", [2, -1])
+@pytest.mark.parametrize("backend", _backends())
+def test_expert_id_out_of_range_is_refused(backend, bad):
+    """The kernels read weight[expert_ids[t]]: an id outside [0, E) must never reach them."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU check: on CUDA the range check is a device-side assert (torch._assert_async)")
+    x, r, ids, w, b = make(5, 8, 2)
+    ids[3] = bad
+    with pytest.raises(ValueError, match=f"expert id {bad} is outside \\[0, 2\\)"):
+        expert_layer_norm(x, ids, w, b, residual=r, backend=backend)
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     if DEVICE != "cpu":
         pytest.skip("CPU-only check")

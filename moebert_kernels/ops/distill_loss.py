@@ -36,6 +36,7 @@ kernels' closed-form gradients written in plain PyTorch. The fused backends shar
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -225,6 +226,16 @@ def distill_loss_forward(student_hidden, teacher_hidden, student_logits, teacher
 
 # ---- helpers shared by the fused backends ------------------------------------------------------
 
+@functools.lru_cache(maxsize=256)
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, built once per (values, dtype, device) and never written.
+
+    Building it per call would be a host-to-device copy on every step: a host sync, and an operation a CUDA
+    graph cannot capture (the first call, which builds it, belongs in the warm-up before a capture).
+    """
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def hidden_plan(student_hidden, attention_mask, layer_weights, lam):
     """Per-layer constants of the fused hidden-state pass.
 
@@ -244,9 +255,9 @@ def hidden_plan(student_hidden, attention_mask, layer_weights, lam):
 def hidden_stats(sq_sums: Tensor, student_hidden, attention_mask, inv_count) -> Tensor:
     """Per-layer MSE ``[L]`` fp32 from the kernels' per-layer sums of squared differences."""
     if inv_count is None:
-        den = torch.tensor([float(max(h.numel(), 1)) for h in student_hidden], device=sq_sums.device)
+        den = device_constant(tuple(float(max(h.numel(), 1)) for h in student_hidden), torch.float32, sq_sums.device)
         return sq_sums / den
-    H = torch.tensor([float(h.shape[-1]) for h in student_hidden], device=sq_sums.device)
+    H = device_constant(tuple(float(h.shape[-1]) for h in student_hidden), torch.float32, sq_sums.device)
     return sq_sums * inv_count / H
 
 
@@ -281,7 +292,7 @@ def logits_plan(student_logits, labels, pred_loss):
 def combine_stats(per_layer: Tensor, layer_weights, row_ce: Tensor, row_pred: Tensor, ce_norm: Tensor,
                   pred_norm: Tensor, lam: float, alpha_ce: float, dtype: torch.dtype) -> Tensor:
     """``[loss, ce, hidden_mse, pred, per_layer...]`` from the per-layer MSEs and the per-row terms ``[heads, B]``."""
-    w = torch.tensor(list(layer_weights), dtype=per_layer.dtype, device=per_layer.device)
+    w = device_constant(tuple(layer_weights), per_layer.dtype, per_layer.device)
     hidden = (per_layer * w).sum()
     ce = (row_ce * ce_norm[:, None]).sum()
     pred = (row_pred * pred_norm[:, None]).sum()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import get_impl, register_impl, select_backend
+from .routing import check_expert_ids
 
 __all__ = ["expert_layer_norm", "expert_layer_norm_reference", "check_expert_layer_norm_inputs"]
 
@@ -176,9 +177,11 @@ def expert_layer_norm(x: Tensor, expert_ids: Tensor, weight: Tensor, bias: Tenso
                       residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """``LayerNorm(x + residual)`` with token t using ``weight[expert_ids[t]]`` and ``bias[expert_ids[t]]``.
 
-    Expert ids are trusted (a ``RoutingPlan`` validated them); see the module docstring for dtypes.
+    An id outside ``[0, E)`` raises a ValueError on CPU and trips a device-side assert on CUDA (no host
+    sync), as in the routing path; see the module docstring for dtypes.
     """
     check_expert_layer_norm_inputs(x, expert_ids, weight, bias, residual)
+    check_expert_ids(expert_ids, weight.shape[0])  # the kernels read weight[expert_ids[t]]
     name = select_backend("expert_layer_norm", x.device, backend)
     y, _, _ = torch.ops.moebert.expert_layer_norm_fwd(x, residual, expert_ids, weight, bias, float(eps), name)
     return y

@@ -1,8 +1,9 @@
 """Triton backend of distill_loss: two launches compute the whole loss and every student gradient.
 
 1. ``_distill_hidden_fwd_kernel``: one multi-tensor launch over all L hidden-state pairs. The layer
-   tensors are never stacked: an int64 table holds their addresses, and each program casts the address of
-   its layer back to a typed pointer. Grid ``(blocks of the largest layer, L)``; each program reads a block
+   tensors are never stacked: they reach the kernel as tuples of pointers (kernel arguments, so no address
+   table is copied from the host per call and the launch stays CUDA-graph capturable), and each program
+   picks its layer's pointers and constants. Grid ``(blocks of the largest layer, L)``; each program reads a block
    of student and teacher once, writes ``coef_l * m * (s - t)`` (the gradient) and one fp32 partial sum of
    ``m * (s - t)^2``. Partial sums are added per layer afterwards, in a fixed order (deterministic).
 2. ``_distill_logits_fwd_kernel``: one program per logits row (rows of the SQuAD start and end heads share
@@ -14,11 +15,14 @@ for the exact loss definitions and the backend contract this module implements.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
-from ..ops.distill_loss import combine_stats, hidden_plan, hidden_stats, logits_plan, stats_dtype
+from ..ops.distill_loss import combine_stats, device_constant, hidden_plan, hidden_stats, logits_plan, stats_dtype
+from . import on_input_device
 
 __all__ = ["distill_loss_forward", "distill_hidden_forward", "distill_logits_forward"]
 
@@ -36,50 +40,51 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _distill_hidden_fwd_kernel(
-    meta_ptr,       # int64 [6, L]: student addr, teacher addr, grad addr, numel, H, coef (float64 bits)
+    S, T, G,        # tuples of L pointers: student, teacher and gradient ([B, S, H] each, contiguous)
+    meta_ptr,       # int64 [3, L]: numel, H, coef (float64 bits) of each layer
     mask_ptr,       # fp32 [B*S]: 1.0 real token, 0.0 padding (read only if HAS_MASK)
     inv_count_ptr,  # fp32 [1]: 1 / max(#real tokens, 1) (read only if HAS_MASK)
     partial_ptr,    # fp32 [L, n_blocks]: out, per-program sums of m * (s - t)^2
-    s_witness,      # student_hidden[0]: only its pointer type is used, to type the loaded addresses
-    L,
     n_blocks,
+    L: tl.constexpr,
     HAS_MASK: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     layer = tl.program_id(1)
-    numel = tl.load(meta_ptr + 3 * L + layer)
+    # This program's layer's pointers: a chain of scalar selects over the tuples (L is small and constexpr).
+    s_ptr, t_ptr, g_ptr = S[0], T[0], G[0]
+    for i in tl.static_range(1, L):
+        if layer == i:
+            s_ptr, t_ptr, g_ptr = S[i], T[i], G[i]
+    numel = tl.load(meta_ptr + layer)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < numel  # programs past a smaller layer's end load nothing and store 0
-    s_ptr = tl.load(meta_ptr + layer).to(s_witness.dtype)
-    t_ptr = tl.load(meta_ptr + L + layer).to(s_witness.dtype)
     s = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     d = s - t
     if HAS_MASK:
-        H = tl.load(meta_ptr + 4 * L + layer)
+        H = tl.load(meta_ptr + L + layer)
         m = tl.load(mask_ptr + offs // H, mask=valid, other=0.0)
         d = d * m  # m is 0 or 1, so d^2 below is m * (s - t)^2
     tl.store(partial_ptr + layer * n_blocks + pid, tl.sum(d * d, axis=0))
     if COMPUTE_GRAD:
-        coef = tl.load(meta_ptr + 5 * L + layer).to(tl.float64, bitcast=True).to(tl.float32)
+        c = tl.load(meta_ptr + 2 * L + layer).to(tl.float64, bitcast=True).to(tl.float32)
         if HAS_MASK:
-            coef = coef * tl.load(inv_count_ptr)
-        g_ptr = tl.load(meta_ptr + 2 * L + layer).to(s_witness.dtype)
-        tl.store(g_ptr + offs, (coef * d).to(s_witness.dtype.element_ty), mask=valid)
+            c = c * tl.load(inv_count_ptr)
+        tl.store(g_ptr + offs, (c * d).to(g_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def _distill_logits_fwd_kernel(
-    meta_ptr,       # int64 [3, heads]: student addr, teacher addr, grad addr of each head's [B, C] logits
+    S, T, G,        # tuples of `heads` pointers: student, teacher and gradient [B, C] logits of each head
     labels_ptr,     # [heads, B]: int64 class ids (-100 ignored), or fp32 targets if IS_REG (read if HAS_LABELS)
     ce_norm_ptr,    # fp32 [heads]: a head's CE = ce_norm * sum_b row_ce
     pred_norm_ptr,  # fp32 [heads]: a head's prediction loss = pred_norm * sum_b row_pred
     row_ce_ptr,     # fp32 [heads * B]: out, per-row CE (0 for ignored rows)
     row_pred_ptr,   # fp32 [heads * B]: out, per-row prediction loss
-    s_witness,      # student logits head 0: only its pointer type is used
-    heads,
+    heads: tl.constexpr,
     B,
     C,
     alpha_ce,
@@ -94,10 +99,14 @@ def _distill_logits_fwd_kernel(
     row = tl.program_id(0)
     head = row // B
     b = (row % B).to(tl.int64)
-    s_row = tl.load(meta_ptr + head).to(s_witness.dtype) + b * C
-    t_row = tl.load(meta_ptr + heads + head).to(s_witness.dtype) + b * C
-    g_row = tl.load(meta_ptr + 2 * heads + head).to(s_witness.dtype) + b * C
-    out_ty = s_witness.dtype.element_ty
+    s_row, t_row, g_row = S[0], T[0], G[0]
+    for i in tl.static_range(1, heads):
+        if head == i:
+            s_row, t_row, g_row = S[i], T[i], G[i]
+    s_row += b * C
+    t_row += b * C
+    g_row += b * C
+    out_ty = g_row.dtype.element_ty
     pn = tl.load(pred_norm_ptr + head) * lam
 
     if IS_REG:
@@ -214,14 +223,14 @@ def _distill_logits_fwd_kernel(
                 tl.store(g_row + cols, g.to(out_ty), mask=msk)
 
 
-def _addr_table(rows, extra_int=(), extra_f64=None, device=None) -> torch.Tensor:
-    """int64 table: one row of addresses per tensor list, then integer rows, then float64 rows bit-cast."""
-    table = torch.tensor([[t.data_ptr() for t in r] for r in rows] + [list(e) for e in extra_int], dtype=torch.int64)
-    if extra_f64 is not None:
-        table = torch.cat([table, torch.tensor([extra_f64], dtype=torch.float64).view(torch.int64)])
-    return table.to(device)
+def layer_table(numels, hidden_sizes, coef, device) -> torch.Tensor:
+    """int64 ``[3, L]``: each layer's numel, H and coef (float64 bits). It depends only on shapes and the loss
+    weights, so it is built once per value (``device_constant``), not copied from the host on every call."""
+    coef_bits = [struct.unpack("<q", struct.pack("<d", float(c)))[0] for c in coef]
+    return device_constant((*numels, *hidden_sizes, *coef_bits), torch.int64, device)
 
 
+@on_input_device
 def distill_hidden_forward(student_hidden, teacher_hidden, coef, mask, inv_count, compute_grad):
     """Returns ``(sq_sums [L] fp32, grads)``: per-layer ``sum m*(s-t)^2`` and ``coef_l * m * (s - t)``."""
     L = len(student_hidden)
@@ -229,19 +238,19 @@ def distill_hidden_forward(student_hidden, teacher_hidden, coef, mask, inv_count
     grads = [_empty_like(t) for t in student_hidden] if compute_grad else []
     numels = [t.numel() for t in student_hidden]
     n_blocks = max(triton.cdiv(max(numels), HIDDEN_BLOCK), 1)
-    meta = _addr_table(
-        [student_hidden, teacher_hidden, grads if compute_grad else student_hidden],
-        extra_int=[numels, [t.shape[-1] for t in student_hidden]], extra_f64=coef, device=dev)
     partial = torch.empty(L, n_blocks, dtype=torch.float32, device=dev)
     has_mask = mask is not None
     dummy = partial  # never read when HAS_MASK is False
     _distill_hidden_fwd_kernel[(n_blocks, L)](
-        meta, mask if has_mask else dummy, inv_count if has_mask else dummy, partial, student_hidden[0],
-        L, n_blocks, HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, BLOCK=HIDDEN_BLOCK, num_warps=8,
+        tuple(student_hidden), tuple(teacher_hidden), tuple(grads if compute_grad else student_hidden),
+        layer_table(numels, [t.shape[-1] for t in student_hidden], coef, dev),
+        mask if has_mask else dummy, inv_count if has_mask else dummy, partial,
+        n_blocks, L=L, HAS_MASK=has_mask, COMPUTE_GRAD=compute_grad, BLOCK=HIDDEN_BLOCK, num_warps=8,
     )
     return partial.sum(1), grads
 
 
+@on_input_device
 def distill_logits_forward(student_logits, teacher_logits, labels_2d, ce_norm, pred_norm, pred_kind, alpha_ce, lam,
                            temperature, compute_grad):
     """Returns ``(row_ce [heads, B], row_pred [heads, B], grads)``; see the kernel for the meaning."""
@@ -249,14 +258,14 @@ def distill_logits_forward(student_logits, teacher_logits, labels_2d, ce_norm, p
     B, C = student_logits[0].shape
     dev = student_logits[0].device
     grads = [_empty_like(t) for t in student_logits] if compute_grad else []
-    meta = _addr_table([student_logits, teacher_logits, grads if compute_grad else student_logits], device=dev)
     row_ce = torch.empty(heads, B, dtype=torch.float32, device=dev)
     row_pred = torch.empty(heads, B, dtype=torch.float32, device=dev)
     block_c = min(max(triton.next_power_of_2(C), 16), MAX_BLOCK_C)
     if heads * B:
         _distill_logits_fwd_kernel[(heads * B,)](
-            meta, labels_2d if labels_2d is not None else row_ce, ce_norm, pred_norm, row_ce, row_pred,
-            student_logits[0], heads, B, C, alpha_ce, lam, temperature,
+            tuple(student_logits), tuple(teacher_logits), tuple(grads if compute_grad else student_logits),
+            labels_2d if labels_2d is not None else row_ce, ce_norm, pred_norm, row_ce, row_pred,
+            heads, B, C, alpha_ce, lam, temperature,
             PRED=pred_kind, IS_REG=C == 1, HAS_LABELS=labels_2d is not None, COMPUTE_GRAD=compute_grad,
             BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8,
         )

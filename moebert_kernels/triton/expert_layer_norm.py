@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..ops.expert_layer_norm import out_dtype, stats_dtype
+from . import on_input_device
 
 __all__ = ["expert_layer_norm_forward", "expert_layer_norm_backward"]
 
@@ -94,6 +95,7 @@ def _rows(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+@on_input_device
 def expert_layer_norm_forward(x, residual, expert_ids, weight, bias, eps):
     T, d = x.shape
     acc = stats_dtype(x, residual, weight)
@@ -110,6 +112,7 @@ def expert_layer_norm_forward(x, residual, expert_ids, weight, bias, eps):
     return y, mean, rstd
 
 
+@on_input_device
 def expert_layer_norm_backward(grad_y, x, residual, expert_ids, weight, mean, rstd, needs):
     T, d = x.shape
     E = weight.shape[0]

@@ -57,6 +57,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import on_input_device
 from .moe_ffn_kernels import (
     ACT_GELU,
     ACT_GELU_TANH,
@@ -282,6 +283,7 @@ def _contiguous_inputs(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate
     return (*(t.contiguous() for t in tensors), gate.contiguous() if gate is not None else None)
 
 
+@on_input_device
 def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, activation, save_hidden):
     """Backend contract: ``(out [T, d_out], hidden [T, h] expert order or empty)``."""
     x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate = _contiguous_inputs(
@@ -303,6 +305,7 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     return out, hidden
 
 
+@on_input_device
 def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, activation,
                      needs_grad):
     """Backend contract: ``(dx, dw1, db1, dw2, db2, dgate)``, all full-shaped; unneeded ones are left unwritten."""
