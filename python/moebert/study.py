@@ -342,7 +342,7 @@ def write_table(data: dict, path: str, hardware: str = "") -> str:
     and seed) to the pruned baseline of the same width, active parameters and speed against the teacher."""
     s = data["settings"]
     cells = _cells(data)
-    lines = [f"Quality study{' (--quick)' if s.get('quick') else ''}: model {os.path.basename(s['model'])} "
+    lines = [f"Quality study{' (--quick)' if s.get('quick') else ''}: model {os.path.join(*s['model'].split(os.sep)[-2:])} "
              f"(d_ff {s['d_ff']}), seeds {s['seeds']}, teacher {s['teacher_rows']} rows, students "
              f"{s['distill_rows']} rows, 1 epoch (larger-data regime: {s['large_rows'] or 'all'} rows, "
              f"{s['large_epochs']:g} epochs), test rows {s['eval_rows'] or 'all'}, max length {s['max_length']}"
