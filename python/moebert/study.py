@@ -344,8 +344,10 @@ def write_table(data: dict, path: str, hardware: str = "") -> str:
     cells = _cells(data)
     lines = [f"Quality study{' (--quick)' if s.get('quick') else ''}: model {os.path.join(*s['model'].split(os.sep)[-2:])} "
              f"(d_ff {s['d_ff']}), seeds {s['seeds']}, teacher {s['teacher_rows']} rows, students "
-             f"{s['distill_rows']} rows, 1 epoch (larger-data regime: {s['large_rows'] or 'all'} rows, "
-             f"{s['large_epochs']:g} epochs), test rows {s['eval_rows'] or 'all'}, max length {s['max_length']}"
+             f"{s['distill_rows']} rows, 1 epoch ("
+             + (f"larger-data regime on {', '.join(s['large_tasks'])}: {s['large_rows'] or 'all'} rows, "
+                f"{s['large_epochs']:g} epochs" if s["large_tasks"] else "no larger-data regime")
+             + f"), test rows {s['eval_rows'] or 'all'}, max length {s['max_length']}"
              + (f"; {hardware}" if hardware else "") + ".", "",
              "| task | regime | student | params total | active | accuracy, % (mean ± sd, n) | vs pruned, same seed | "
              "ex/s | speed-up vs teacher |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
