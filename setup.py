@@ -79,9 +79,10 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "pytest-benchmark", "onnx", "onnxscript", "onnxruntime", "matplotlib"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "data": ["datasets"],
+        "study": ["matplotlib"],
     },
     entry_points={"console_scripts": ["moebert=moebert.cli:main"]},
     ext_modules=ext_modules,

@@ -47,6 +47,20 @@ def test_shipped_movie_reviews():
     assert not train & set(t[0] for t in test.texts)
 
 
+def test_shipped_snli():
+    task = get_task("snli")
+    rows = {s: load_rows(task, s) for s in ("train", "dev", "test")}
+    assert {s: len(r) for s, r in rows.items()} == {"train": 10000, "dev": 1000, "test": 2000}
+    for r in rows.values():
+        counts = {y: r.labels.count(y) for y in task.labels}
+        assert sum(counts.values()) == len(r) and min(counts.values()) > 0.3 * len(r)
+        assert all(len(t) == 2 and t[0] and t[1] for t in r.texts)
+    # train and dev were split by premise, and no test premise is in either
+    premises = {s: {t[0] for t in r.texts} for s, r in rows.items()}
+    assert not premises["train"] & premises["dev"] and not premises["test"] & (premises["train"] | premises["dev"])
+    assert label_maps(task, rows["dev"].labels) == {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+
 def test_metrics_against_hand_values():
     pred, gold = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]
     m = compute_metrics(("accuracy", "f1", "mcc"), pred, gold)

@@ -51,7 +51,7 @@ def _device_arg(p, default: str = "auto") -> None:
 def _data_args(p: argparse.ArgumentParser, split: str = "train", labels: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task", required=True, help="glue task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), "
-                                                 "squad, movie_reviews, or classification/regression for own files")
+                                                 "squad, movie_reviews, snli, or classification/regression for own files")
     g.add_argument("--data", help="local CSV/TSV/JSONL file (default: the task's hub dataset or shipped file)")
     g.add_argument("--split", default=split, help=f"split to use (default: {split}); with --split-column, the "
                                                   "rows whose split column has this value")
@@ -120,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--importance", help="file from `moebert importance` (default: none; then pass --no-importance)")
     p.add_argument("--no-importance", action="store_true", help="keep the dense neuron order (no importance)")
-    p.add_argument("--num-experts", type=int, default=4, help="experts per layer")
+    p.add_argument("--num-experts", type=int, help="experts per layer (default: 4)")
     p.add_argument("--expert-size", type=int, help="neurons per expert (default: d_ff/4, 768 for BERT-base)")
+    p.add_argument("--baseline", choices=["pruned"],
+                   help="pruned: instead of experts, one dense FFN of the top --expert-size neurons by importance "
+                        "(the same-cost baseline to distil beside the MoE student)")
     p.add_argument("--shared", type=int, help="neurons shared by all experts (default: 2/3 of --expert-size, "
                                               "rounded down to a multiple of 8)")
     p.add_argument("--router", default="hash", choices=ROUTERS, help="hash is the paper's")
@@ -184,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime parity check of the file (default: check)")
     p.set_defaults(func=lambda a: __import__("moebert.export", fromlist=["run"]).run(a))
+
+    p = sub.add_parser("study", help="quality study: MoE students beside the pruned dense baseline, seeds, tasks")
+    from .study import add_arguments as study_arguments
+
+    study_arguments(p)
+    p.set_defaults(func=lambda a: __import__("moebert.study", fromlist=["run"]).run(a))
 
     p = sub.add_parser("demo", help="the whole chain on the embedded model and movie-review data (offline)")
     from .demo import add_arguments

@@ -11,7 +11,7 @@ import torch
 from .tasks import TaskSpec
 
 __all__ = ["resolve_device", "resolve_precision", "load_config", "is_moebert_checkpoint", "load_teacher",
-           "load_student", "load_any", "load_tokenizer", "training_arguments", "parameter_counts"]
+           "load_student", "load_any", "load_tokenizer", "training_arguments", "parameter_counts", "describe"]
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -57,6 +57,14 @@ def is_moebert_checkpoint(path: str) -> bool:
         return isinstance(json.load(f).get("moebert"), dict)
 
 
+def is_pruned_checkpoint(path: str) -> bool:
+    """A dense baseline from ``moebert convert --baseline pruned``."""
+    from .convert import PRUNED_KEY
+
+    with open(os.path.join(path, "config.json")) as f:
+        return isinstance(json.load(f).get(PRUNED_KEY), dict)
+
+
 def _check_family(config, path: str, role: str) -> None:
     from moebert_kernels import SUPPORTED_MODEL_TYPES
     from moebert_kernels.hf import SUPPORTED_CLASSES, family_of
@@ -98,9 +106,13 @@ def load_student(path: str, task: Optional[TaskSpec] = None, device: Optional[st
 
     config = load_config(path)
     _check_family(config, path, "student")
+    if is_pruned_checkpoint(path):  # a dense baseline student: stock HF classes load it
+        if task is None:
+            raise ValueError(f"{path} is a pruned dense baseline; loading it needs its task")
+        return load_teacher(path, task, num_labels=None if task.qa else config.num_labels, device=device)
     if not is_moebert_checkpoint(path):
         raise ValueError(f"{path} is a dense {config.model_type!r} checkpoint, not a MoEBERT one: "
-                         "run `moebert convert` on it first")
+                         "run `moebert convert` on it first (or `moebert convert --baseline pruned`)")
     model = mk.from_pretrained(path, device=device)
     if task is not None:
         _check_head(model, task, path)
@@ -199,3 +211,20 @@ def parameter_counts(model) -> tuple[int, int]:
         expert = sum(p.numel() for n, p in layer.named_parameters(recurse=False) if not n.startswith("shared_"))
         inactive += expert - expert // E
     return total, total - inactive
+
+
+def describe(model) -> str:
+    """What a loaded model is: dense (a teacher), pruned dense baseline, or MoE student."""
+    from .convert import PRUNED_KEY
+
+    config = model.config
+    moe, pruned = getattr(config, "moebert", None), getattr(config, PRUNED_KEY, None)
+    if isinstance(moe, dict):
+        layout = ", tied" if moe.get("tie_shared") else ""
+        return (f"MoE student ({moe['num_experts']} experts x {moe['expert_size']} neurons, {moe['shared']} shared"
+                f"{layout}, {moe['router']} router)")
+    if isinstance(pruned, dict):
+        ranking = "importance-ranked" if pruned["ranking"] == "importance" else pruned["ranking"]
+        return f"pruned dense baseline (FFN {pruned['width']} of {pruned['d_ff']} neurons, {ranking})"
+    width = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
+    return f"dense teacher (FFN {width} neurons)"

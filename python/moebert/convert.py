@@ -1,7 +1,19 @@
-"""``moebert convert``: dense teacher + importance -> MoEBERT student (``save_pretrained``)."""
+"""``moebert convert``: dense teacher + importance -> MoEBERT student (``save_pretrained``).
+
+``--baseline pruned`` instead keeps the top ``--expert-size`` neurons of every FFN, ranked by the
+same importance through the same slicing code as the experts (``expert_neuron_ids`` with one
+expert and nothing shared), and saves a plain dense model whose ``intermediate_size`` is that
+width: the same active FFN width as the MoE student, the same FLOPs per token, no routing. It
+loads with stock ``AutoModelFor*.from_pretrained`` and distils with ``moebert distill``.
+"""
 from __future__ import annotations
 
-__all__ = ["convert", "run"]
+__all__ = ["convert", "prune", "PRUNED_KEY", "run"]
+
+# config key recording what ``prune`` kept (how `moebert evaluate` tells a baseline from a teacher)
+PRUNED_KEY = "moebert_pruned"
+# config field holding the FFN width, per model family
+_FFN_WIDTH = {"bert": "intermediate_size", "roberta": "intermediate_size", "distilbert": "hidden_dim"}
 
 
 def convert(model, importance=None, num_experts: int = 4, expert_size=None, shared=None,
@@ -13,6 +25,38 @@ def convert(model, importance=None, num_experts: int = 4, expert_size=None, shar
     return mk.patch(model, num_experts=num_experts, expert_size=expert_size, shared=shared,
                     importance=importance, router=router, seed=seed,
                     token_counts=token_counts, tie_shared=tie_shared)
+
+
+def prune(model, importance=None, width: int = 768):
+    """A new dense model: ``model`` with each FFN cut to its top ``width`` neurons by ``importance``
+    (``[L, d_ff]``; None keeps the first ``width``). ``model`` itself is left as it was."""
+    import moebert_kernels as mk
+    import torch
+
+    from .importance import ffn_linears
+
+    pairs = ffn_linears(model)
+    d_ff = pairs[0][0].out_features
+    if importance is not None and tuple(importance.shape) != (len(pairs), d_ff):
+        raise ValueError(f"importance must be [num_layers, d_ff] = {(len(pairs), d_ff)}, got {tuple(importance.shape)}")
+    names = {id(m): n for n, m in model.named_modules()}
+    state = dict(model.state_dict())
+    for l, (fc1, fc2) in enumerate(pairs):
+        keep = mk.expert_neuron_ids(None if importance is None else importance[l], d_ff, 1, width, 0)[0]
+        n1, n2 = names[id(fc1)], names[id(fc2)]
+        state[f"{n1}.weight"] = fc1.weight.detach()[keep]
+        if fc1.bias is not None:
+            state[f"{n1}.bias"] = fc1.bias.detach()[keep]
+        state[f"{n2}.weight"] = fc2.weight.detach()[:, keep]
+    config = type(model.config).from_dict(model.config.to_dict())
+    setattr(config, _FFN_WIDTH[config.model_type], width)
+    setattr(config, PRUNED_KEY, {"d_ff": d_ff, "width": width,
+                                 "ranking": "dense order" if importance is None else "importance"})
+    pruned = type(model)(config).to(device=fc1.weight.device, dtype=fc1.weight.dtype)
+    with torch.no_grad():
+        pruned.load_state_dict(state, strict=True)
+    pruned.train(model.training)
+    return pruned
 
 
 def _token_counts(tokenizer, task, rows, vocab_size):
@@ -39,13 +83,28 @@ def run(args) -> int:
                          id2label=getattr(config, "id2label", None))
     pairs = ffn_linears(model)
     d_ff = pairs[0][1].in_features  # fc2's width: fc1 holds 2 d_ff rows when the FFN is gated
-    expert_size, shared = default_expert_sizes(d_ff, args.expert_size, args.shared)
+    baseline = getattr(args, "baseline", None)
+    if baseline is not None and (args.num_experts is not None or args.shared is not None or args.router != "hash"
+                                 or getattr(args, "tie_shared", False)):
+        raise ValueError("--baseline pruned keeps the top --expert-size neurons of each FFN in one dense FFN; "
+                         "--num-experts, --shared, --router and --tie-shared do not apply to it")
+    num_experts = 4 if args.num_experts is None else args.num_experts
+    if baseline is not None:
+        expert_size, shared = args.expert_size or d_ff // 4, 0
+    else:
+        expert_size, shared = default_expert_sizes(d_ff, args.expert_size, args.shared)
     importance = None
     if args.importance:
         importance = load_importance(args.importance, len(pairs), d_ff)
     elif not args.no_importance:
         raise ValueError("convert needs --importance FILE (from `moebert importance`); pass --no-importance "
                          "to keep the dense neuron order instead")
+    if baseline == "pruned":
+        prune(model, importance, expert_size).save_pretrained(args.output)
+        load_tokenizer(args.model).save_pretrained(args.output)
+        print(f"pruned dense baseline (FFN {expert_size} of {d_ff} neurons, "
+              f"{'importance-ranked' if importance is not None else 'dense order'}) saved to {args.output}")
+        return 0
     token_counts = None
     if args.router == "balanced_hash":
         from .data import load_rows
@@ -55,10 +114,10 @@ def run(args) -> int:
                          args.max_rows, require_labels=False)
         token_counts = _token_counts(tokenizer, task, rows, model.config.vocab_size)
     tie = getattr(args, "tie_shared", False)
-    convert(model, importance, args.num_experts, expert_size, shared, args.router, args.seed, token_counts, tie)
+    convert(model, importance, num_experts, expert_size, shared, args.router, args.seed, token_counts, tie)
     model.save_pretrained(args.output)
     load_tokenizer(args.model).save_pretrained(args.output)
     layout = "stored once as a shared FFN" if tie else "copied into every expert"
-    print(f"MoEBERT student ({args.num_experts} experts x {expert_size} neurons, {shared} shared ({layout}), "
+    print(f"MoEBERT student ({num_experts} experts x {expert_size} neurons, {shared} shared ({layout}), "
           f"{args.router} routing) saved to {args.output}")
     return 0

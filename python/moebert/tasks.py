@@ -63,6 +63,9 @@ TASKS: dict[str, TaskSpec] = {
     # The demo's embedded task: movie-review sentences (see data/README.md), one file with a split column.
     "movie_reviews": TaskSpec("movie_reviews", ("sentence",), local_file="movie_reviews.tsv", split_column="split",
                               labels=("negative", "positive")),  # the file's label 0 / 1
+    # A second shipped task, 3-class: SNLI sentence pairs (see data/README.md), same file layout.
+    "snli": TaskSpec("snli", ("premise", "hypothesis"), num_labels=3, local_file="snli.tsv", split_column="split",
+                     labels=("entailment", "neutral", "contradiction")),
     "classification": TaskSpec("classification", ("sentence",)),
     "regression": TaskSpec("regression", ("sentence",), num_labels=1, metrics=("pearson", "spearman")),
 }
