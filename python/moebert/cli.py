@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-size", type=int, help="neurons per expert (default: d_ff/4, 768 for BERT-base)")
     p.add_argument("--baseline", choices=["pruned"],
                    help="pruned: instead of experts, one dense FFN of the top --expert-size neurons by importance "
-                        "(the same-cost baseline to distil beside the MoE student)")
+                        "(the same-cost baseline to distil beside the MoE student; default: none, make the MoE student)")
     p.add_argument("--shared", type=int, help="neurons shared by all experts (default: 2/3 of --expert-size, "
                                               "rounded down to a multiple of 8)")
     p.add_argument("--router", default="hash", choices=ROUTERS, help="hash is the paper's")

@@ -13,7 +13,7 @@ __all__ = ["convert", "prune", "PRUNED_KEY", "run"]
 # config key recording what ``prune`` kept (how `moebert evaluate` tells a baseline from a teacher)
 PRUNED_KEY = "moebert_pruned"
 # config field holding the FFN width, per model family
-_FFN_WIDTH = {"bert": "intermediate_size", "roberta": "intermediate_size", "distilbert": "hidden_dim"}
+_FFN_WIDTH = {"distilbert": "hidden_dim"}  # every other supported family: intermediate_size
 
 
 def convert(model, importance=None, num_experts: int = 4, expert_size=None, shared=None,
@@ -36,7 +36,8 @@ def prune(model, importance=None, width: int = 768):
     from .importance import ffn_linears
 
     pairs = ffn_linears(model)
-    d_ff = pairs[0][0].out_features
+    d_ff = pairs[0][1].in_features  # fc2's width: a gated fc1 holds 2 d_ff rows (a, then g)
+    gated = pairs[0][0].out_features == 2 * d_ff
     if importance is not None and tuple(importance.shape) != (len(pairs), d_ff):
         raise ValueError(f"importance must be [num_layers, d_ff] = {(len(pairs), d_ff)}, got {tuple(importance.shape)}")
     names = {id(m): n for n, m in model.named_modules()}
@@ -44,12 +45,13 @@ def prune(model, importance=None, width: int = 768):
     for l, (fc1, fc2) in enumerate(pairs):
         keep = mk.expert_neuron_ids(None if importance is None else importance[l], d_ff, 1, width, 0)[0]
         n1, n2 = names[id(fc1)], names[id(fc2)]
-        state[f"{n1}.weight"] = fc1.weight.detach()[keep]
+        rows = torch.cat([keep, keep + d_ff]) if gated else keep
+        state[f"{n1}.weight"] = fc1.weight.detach()[rows]
         if fc1.bias is not None:
-            state[f"{n1}.bias"] = fc1.bias.detach()[keep]
+            state[f"{n1}.bias"] = fc1.bias.detach()[rows]
         state[f"{n2}.weight"] = fc2.weight.detach()[:, keep]
     config = type(model.config).from_dict(model.config.to_dict())
-    setattr(config, _FFN_WIDTH[config.model_type], width)
+    setattr(config, _FFN_WIDTH.get(config.model_type, "intermediate_size"), width)
     setattr(config, PRUNED_KEY, {"d_ff": d_ff, "width": width,
                                  "ranking": "dense order" if importance is None else "importance"})
     pruned = type(model)(config).to(device=fc1.weight.device, dtype=fc1.weight.dtype)

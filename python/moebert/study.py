@@ -84,20 +84,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--students", help="comma-separated student keys to run (default: all: pruned-d4, moe-d4, "
                                       "[tied-d4,] gate-d4, the same with -d8, moe8-d4)")
     p.add_argument("--quick", action="store_true", help="a few hundred rows per step: minutes, not an hour")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train and time")
+    p.add_argument("--max-length", type=int, default=64, help="max tokens per example")
+    p.add_argument("--batch-size", type=int, default=32, help="training and scoring batch size")
     p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
     g = p.add_argument_group("sizes (default: the hour-long study; --quick: a few minutes)")
-    g.add_argument("--teacher-rows", type=int, help=f"train rows for each teacher ({_DEFAULT['teacher_rows']})")
-    g.add_argument("--importance-rows", type=int, help=f"other train rows for importance ({_DEFAULT['importance_rows']})")
-    g.add_argument("--distill-rows", type=int, help=f"train rows for each student, 1 epoch ({_DEFAULT['distill_rows']})")
+    g.add_argument("--teacher-rows", type=int, help=f"train rows for each teacher (default: {_DEFAULT['teacher_rows']})")
+    g.add_argument("--importance-rows", type=int, help=f"other train rows for importance (default: {_DEFAULT['importance_rows']})")
+    g.add_argument("--distill-rows", type=int, help=f"train rows for each student, 1 epoch (default: {_DEFAULT['distill_rows']})")
     g.add_argument("--large-rows", type=int, help="train rows of the larger-data regime (default: all of them)")
-    g.add_argument("--large-epochs", type=float, help=f"epochs of the larger-data regime ({_DEFAULT['large_epochs']})")
-    g.add_argument("--large-tasks", help=f"tasks that also run the larger-data regime ({_DEFAULT['large_tasks']}; "
+    g.add_argument("--large-epochs", type=float, help=f"epochs of the larger-data regime (default: {_DEFAULT['large_epochs']})")
+    g.add_argument("--large-tasks", help=f"tasks that also run the larger-data regime (default: {_DEFAULT['large_tasks']}; "
                                         "'none' for none)")
     g.add_argument("--eval-rows", type=int, help="test rows to score (default: the whole test split)")
-    g.add_argument("--speed-rows", type=int, help=f"test rows to time ({_DEFAULT['speed_rows']})")
+    g.add_argument("--speed-rows", type=int, help=f"test rows to time (default: {_DEFAULT['speed_rows']})")
 
 
 def _settings(args) -> dict:
