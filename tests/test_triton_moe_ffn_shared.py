@@ -24,19 +24,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 from moebert_kernels.triton import moe_ffn as tm  # noqa: E402
 
 NAMES = ("x", "w1", "b1", "w2", "b2", "gate", "shared_w1", "shared_b1", "shared_w2")
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    calls = []
-
-    def nan_empty(shape, dtype, device):
-        calls.append(tuple(shape))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(tm, "_empty", nan_empty)
-    return calls
+from test_triton_moe_ffn import TOL, poison  # noqa: E402,F401  (poison: autouse NaN-filled buffers)
 
 
 def make_case(T, d, h, s, E, dtype=torch.float32, gate=True, routing="random", seed=0):
