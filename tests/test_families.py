@@ -232,8 +232,14 @@ def test_modernbert_unpadded_hidden_states_route_by_the_kept_tokens_ids():
     mk.patch(model, num_experts=4, expert_size=16, shared=4, seed=5)
     ids, mask = batch()
     mask[2, 3:] = 0
-    begin_batch(model, ids, mask)
     layer = model.layers[0]
+    table = layer.mlp.router.table
+    # Kept row 2's ids (flat 18..20) land where the first total_nnz ids would put dropped row 1's
+    # (flat 15..17); give them other experts so routing by the wrong ids cannot pass by chance.
+    flat = ids.view(-1)
+    for wrong, kept in zip(range(15, 18), range(18, 21)):
+        flat[kept] = next(i for i in range(3, V) if table[i] != table[flat[wrong]])
+    begin_batch(model, ids, mask)
     hidden = torch.randn(3, 9, D)
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()  # as HF's _unpad_modernbert_input
     unpadded = hidden.reshape(-1, D)[indices]
@@ -241,7 +247,6 @@ def test_modernbert_unpadded_hidden_states_route_by_the_kept_tokens_ids():
     unpadded_out = unpadded + layer.mlp(layer.mlp_norm(unpadded))
     torch.testing.assert_close(unpadded_out, padded_out.reshape(-1, D)[indices], rtol=1e-6, atol=1e-6)
     # Routing the first total_nnz ids instead (ignoring the mask) gives other experts.
-    table = layer.mlp.router.table
     assert not torch.equal(table[ids.flatten()[:len(indices)]], table[ids.flatten()[indices]])
 
 
