@@ -143,6 +143,58 @@ def test_four_experts_forward_backward_and_save_load(family, tmp_path):
         torch.testing.assert_close(out_of(auto, ids, mask), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tied_equals_untied_after_conversion_then_trains_and_reloads(family, tmp_path):
+    """tie_shared on every family (gated and bias-free ModernBERT included): the same function as the copied
+    layout right after conversion, half the shared weights, then a train step and an exact reload."""
+    dense = tiny(family).double()
+    imp = torch.rand(L, FF)
+    untied, tied = copy.deepcopy(dense), copy.deepcopy(dense)
+    mk.patch(untied, num_experts=4, expert_size=24, shared=12, importance=imp, seed=3)
+    mk.patch(tied, num_experts=4, expert_size=24, shared=12, importance=imp, seed=3, tie_shared=True)
+    gated = family == "modernbert"
+    for m in mk.moe_layers(tied):
+        assert m.shared_size == 12 and tuple(m.shared_w1.shape) == ((24 if gated else 12), D)
+        assert tuple(m.w1.shape) == (4, (24 if gated else 12), D) and (m.shared_b1 is None) == gated
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(out_of(tied, ids, mask), out_of(untied, ids, mask), rtol=1e-12, atol=1e-12)
+    tied.train()
+    tied(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2])).loss.backward()
+    for m in mk.moe_layers(tied):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (m.shared_w1, m.shared_w2, m.w1))
+    tied.eval()
+    with torch.no_grad():
+        before = out_of(tied, ids, mask)
+    tied.save_pretrained(tmp_path)
+    auto = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval().double()
+    assert all(m.shared_size == 12 for m in mk.moe_layers(auto)) and auto.config.moebert["tie_shared"] is True
+    with torch.no_grad():  # (DeBERTa's fp64 attention differs from run to run in the last bit)
+        torch.testing.assert_close(out_of(auto, ids, mask), before, rtol=1e-12, atol=1e-14)
+
+
+def test_modernbert_tied_shared_ffn_holds_the_a_and_g_rows_of_the_top_neurons():
+    """A gated neuron j is rows j and I+j of Wi with column j of Wo; with mlp_bias the biases follow."""
+    cfg = _config("modernbert")
+    cfg.mlp_bias = True
+    model = tf.ModernBertModel(cfg).eval()
+    imp = torch.rand(L, FF)
+    layer = model.layers[1]
+    wi, bi, wo = (t.detach().clone() for t in (layer.mlp.Wi.weight, layer.mlp.Wi.bias, layer.mlp.Wo.weight))
+    bo = layer.mlp.Wo.bias.detach().clone()
+    mk.patch(model, num_experts=4, expert_size=24, shared=12, importance=imp, tie_shared=True)
+    moe = model.layers[1].mlp
+    ranked = torch.argsort(imp[1], descending=True)
+    top = ranked[:12]
+    assert torch.equal(moe.shared_w1, wi[torch.cat([top, top + FF])])
+    assert torch.equal(moe.shared_b1, bi[torch.cat([top, top + FF])])
+    assert torch.equal(moe.shared_w2, wo[:, top])
+    for e in range(4):
+        own = ranked[12 + e::4][:12]
+        assert torch.equal(moe.w1[e], wi[torch.cat([own, own + FF])]) and torch.equal(moe.w2[e], wo[:, own])
+        assert torch.equal(moe.b1[e], bi[torch.cat([own, own + FF])]) and torch.equal(moe.b2[e], bo)
+
+
 @pytest.mark.parametrize("family", ["modernbert", "deberta-v2"])
 @pytest.mark.parametrize("router", ["token_gate", "sentence_gate"])
 def test_learned_gates_train_and_reload(family, router, tmp_path):

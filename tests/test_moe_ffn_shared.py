@@ -8,25 +8,41 @@ from moebert_kernels.ops import BackendUnavailableError, moe_ffn_reference
 from _oplog import OpLog
 
 NAMES = ("x", "w1", "b1", "w2", "b2", "gate", "shared_w1", "shared_b1", "shared_w2")
+from moebert_kernels.ops.moe_ffn import GATED_ACTIVATIONS as GATED
+
 ACT = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu}
 
 
 def per_token_loop(x, ids, w1, b1, w2, b2, gate, w1s, b1s, w2s, activation="gelu"):
-    act = ACT[activation]
+    gated = activation in GATED
+
+    def act(pre):  # gated: act(a) * g of the two halves
+        if not gated:
+            return ACT[activation](pre)
+        a, g = pre.chunk(2)
+        return ACT[GATED[activation]](a) * g
+
+    def up(w, b, v):
+        return w @ v + (0 if b is None else b)
+
     rows = []
     for t in range(x.shape[0]):
         e = int(ids[t])
-        y = w2s @ act(w1s @ x[t] + b1s) + w2[e] @ act(w1[e] @ x[t] + b1[e]) + b2[e]
+        y = w2s @ act(up(w1s, b1s, x[t])) + w2[e] @ act(up(w1[e], None if b1 is None else b1[e], x[t]))
+        y = y + (0 if b2 is None else b2[e])
         rows.append(y * gate[t] if gate is not None else y)
     return torch.stack(rows) if rows else x.new_zeros(0, w2.shape[1])
 
 
-def make(T, d, h, s, E, dtype=torch.float64, ids=None, gate=False, seed=None):
+def make(T, d, h, s, E, dtype=torch.float64, ids=None, gate=False, seed=None, gated=False, bias=True):
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     r = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=dtype) * scale  # noqa: E731
     x = r(T, d)
-    w1, b1, w2, b2 = r(E, h, d, scale=d ** -0.5), r(E, h), r(E, d, h, scale=(h + s) ** -0.5), r(E, d)
-    w1s, b1s, w2s = r(s, d, scale=d ** -0.5), r(s), r(d, s, scale=(h + s) ** -0.5)
+    k = 2 if gated else 1  # gated: the up projection holds a rows, then g rows
+    w1, b1, w2, b2 = r(E, k * h, d, scale=d ** -0.5), r(E, k * h), r(E, d, h, scale=(h + s) ** -0.5), r(E, d)
+    w1s, b1s, w2s = r(k * s, d, scale=d ** -0.5), r(k * s), r(d, s, scale=(h + s) ** -0.5)
+    if not bias:
+        b1 = b2 = b1s = None
     ids = torch.randint(0, E, (T,), generator=g) if ids is None else ids
     gt = torch.rand(T, generator=g, dtype=dtype) + 0.1 if gate else None
     return [x, w1, b1, w2, b2, gt, w1s, b1s, w2s], ids
@@ -42,8 +58,14 @@ def loop(inputs, ids, activation="gelu"):
     return per_token_loop(x, ids, w1, b1, w2, b2, g, w1s, b1s, w2s, activation)
 
 
+# (activation, biases): the plain FFN, ModernBERT's gated bias-free one, and the other gated forms
+LAYOUTS = {"gelu": ("gelu", True), "geglu_nobias": ("geglu", False), "geglu_tanh": ("geglu_tanh", True),
+           "reglu_nobias": ("reglu", False), "relu_nobias": ("relu", False)}
+
+
 def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 CASES = {
@@ -95,6 +117,52 @@ def test_grads_match_loop(threads, case, gate):
     names = [n for n, t in zip(NAMES, leaves) if t is not None]
     for name, a, b in zip(names, got, want):
         assert rel(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", ["random_E4", "empty_expert", "all_on_one", "T1"])
+@pytest.mark.parametrize("gate", [False, True])
+def test_gated_and_bias_free_forward_and_grads_match_loop(threads, layout, case, gate):
+    """ModernBERT's layout: the shared up projection holds 2s rows (a, then g), biases may be absent."""
+    activation, bias = LAYOUTS[layout]
+    c = CASES[case]
+    T, E = c["T"], c["E"]
+    inputs, ids = make(T, 12, 10, 6, E, ids=c["ids"](T) if "ids" in c else None, gate=gate,
+                       gated=activation in GATED, bias=bias)
+    leaves = [t.requires_grad_() if t is not None else None for t in inputs]
+    plan = RoutingPlan.from_expert_ids(ids, E)
+    out = call(leaves, plan, activation=activation)
+    want = loop(leaves, ids, activation)
+    assert rel(out, want) < 1e-12
+    ref = moe_ffn_reference(leaves[0], plan.sorted_token_ids, plan.expert_offsets, *leaves[1:6], activation,
+                            *leaves[6:])
+    assert rel(ref, want) < 1e-12
+    present = [t for t in leaves if t is not None]
+    dy = torch.randn(T, 12, dtype=torch.float64)
+    got = torch.autograd.grad(out, present, dy)
+    wanted = torch.autograd.grad(want, present, dy)
+    for name, a, b in zip([n for n, t in zip(NAMES, leaves) if t is not None], got, wanted):
+        assert rel(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("layout", ["geglu_nobias", "geglu_tanh"])
+def test_gated_gradcheck_and_opcheck(layout):
+    from torch.library import opcheck
+
+    activation, bias = LAYOUTS[layout]
+    inputs, ids = make(7, 5, 4, 3, 3, ids=torch.tensor([0, 2, 0, 2, 2, 0, 0]), gate=True, gated=True, bias=bias)
+    plan = RoutingPlan.from_expert_ids(ids, 3)
+    mask = [t is not None for t in inputs]
+    present = [t.requires_grad_() for t in inputs if t is not None]
+
+    def f(*ts):
+        it = iter(ts)
+        return call([next(it) if m else None for m in mask], plan, activation=activation)
+
+    assert torch.autograd.gradcheck(f, present)
+    x, w1, b1, w2, b2, g, w1s, b1s, w2s = (None if t is None else t.detach().float() for t in inputs)
+    opcheck(torch.ops.moebert.moe_ffn_fwd, (x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, g,
+                                            activation, "torch", True, w1s, b1s, w2s))
 
 
 def test_tied_equals_copies():
@@ -211,7 +279,13 @@ def test_cuda_backend_declines_the_shared_expert_by_name():
 
 
 BAD = [
-    (lambda a: a.update(shared_b1=None), ValueError, "together"),
+    (lambda a: a.update(shared_w2=None), ValueError, "together"),
+    (lambda a: a.update(shared_w1=None, shared_w2=None), ValueError, "together"),
+    (lambda a: a.update(shared_b1=None), ValueError, "shared_b1 must be given exactly when b1 is"),
+    (lambda a: a.update(b1=None, b2=None), ValueError, "shared_b1 must be given exactly when b1 is"),
+    (lambda a: a.update(activation="geglu", w1=a["w1"].repeat(1, 2, 1), b1=a["b1"].repeat(1, 2),
+                        shared_w1=a["shared_w1"][:3], shared_b1=a["shared_b1"][:3]), ValueError,
+     "shared_w1 must be \\[2s, d=8\\]"),
     (lambda a: a.update(shared_w1=a["shared_w1"][:, :-1]), ValueError, "shared_w1 must be"),
     (lambda a: a.update(shared_b1=a["shared_b1"][:-1]), ValueError, "shared_b1 must be"),
     (lambda a: a.update(shared_w2=a["shared_w2"][:-1]), ValueError, "shared_w2 must be"),

@@ -258,3 +258,24 @@ def test_real_minilm_student_matches_on_real_text(tmp_path):
             want = model(**enc).logits
         got = ortm(**enc).logits
         assert _rel_err(got, want) <= 1e-4
+
+
+# The other families (tests/test_families.py's tiny random models), untied and tied; ModernBERT's gated,
+# bias-free experts have their own translation path (act(a) * g, no bias gathers).
+@pytest.mark.parametrize("family,tie", [("deberta-v2", False), ("electra", True), ("xlm-roberta", False),
+                                        ("camembert", True), ("modernbert", False), ("modernbert", True)])
+def test_every_family_exports_and_matches(family, tie, tmp_path):
+    from test_families import V, tiny
+
+    model = tiny(family)
+    mk.patch(model, num_experts=E, expert_size=24, shared=12, tie_shared=tie, seed=2)
+    model.eval()
+    ortm = mo.OrtModel(mo.export(model, str(tmp_path / family)), threads=1)
+    for B, S in [(1, 7), (8, 13)]:
+        ids, mask = torch.randint(3, V, (B, S)), torch.ones(B, S, dtype=torch.int64)
+        for row in range(1, B):  # ragged lengths; row 0 stays full
+            mask[row, 1 + row % (S - 1):] = 0
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).logits
+        assert float(want.std(0).max()) > 0 or B == 1  # the examples differ: a constant head would hide errors
+        _check(model, ortm, ids, mask)

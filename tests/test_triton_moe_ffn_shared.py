@@ -27,17 +27,20 @@ NAMES = ("x", "w1", "b1", "w2", "b2", "gate", "shared_w1", "shared_b1", "shared_
 from test_triton_moe_ffn import TOL, poison  # noqa: E402,F401  (poison: autouse NaN-filled buffers)
 
 
-def make_case(T, d, h, s, E, dtype=torch.float32, gate=True, routing="random", seed=0):
+def make_case(T, d, h, s, E, dtype=torch.float32, gate=True, routing="random", seed=0, gated=False, bias=True):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
 
+    k = 2 if gated else 1  # gated: a rows, then g rows
     x = rnd(T, d)
-    w1, b1 = rnd(E, h, d, scale=d ** -0.5), rnd(E, h, scale=0.5)
+    w1, b1 = rnd(E, k * h, d, scale=d ** -0.5), rnd(E, k * h, scale=0.5)
     w2, b2 = rnd(E, d, h, scale=(h + s) ** -0.5), rnd(E, d, scale=0.5)
     gt = (torch.rand(T, generator=g) + 0.1).to(dtype).to(DEVICE) if gate else None
-    w1s, b1s, w2s = rnd(s, d, scale=d ** -0.5), rnd(s, scale=0.5), rnd(d, s, scale=(h + s) ** -0.5)
+    w1s, b1s, w2s = rnd(k * s, d, scale=d ** -0.5), rnd(k * s, scale=0.5), rnd(d, s, scale=(h + s) ** -0.5)
+    if not bias:
+        b1 = b2 = b1s = None
     ids = torch.randint(0, E, (T,), generator=g)
     if routing == "empty":
         ids[ids == 1] = 0
@@ -105,6 +108,26 @@ def test_public_forward_and_grads_match_reference(case, dtype, poison):
             continue
         assert g.dtype == dtype, name
         check(f"d{name}", g, w, TOL[dtype])
+
+
+@pytest.mark.parametrize("activation,bias", [("geglu", False), ("geglu_tanh", True), ("reglu", False),
+                                           ("gelu", False)])
+@pytest.mark.parametrize("case", ["basic", "empty_expert", "T1", "E1_odd"])
+def test_gated_and_bias_free_shared_expert_match_reference(case, activation, bias, poison):
+    """ModernBERT's tied layout: a gated shared up projection of 2s rows, no biases."""
+    T, d, h, s, E, routing, gate = CASES[case]
+    inputs, plan = make_case(T, d, h, s, E, torch.float32, gate, routing, seed=7,
+                             gated=activation != "gelu", bias=bias)
+    grad_out = torch.randn(T, d, device=DEVICE)
+    want_out, want = reference(inputs, plan, grad_out, activation)
+    poison.clear()
+    out, grads = run_public(inputs, plan, grad_out, activation)
+    assert (T, d) in poison
+    check("out", out, want_out, TOL[torch.float32])
+    for name, g, w in zip(NAMES, grads, want):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            check(f"d{name}", g, w, TOL[torch.float32])
 
 
 def test_bf16_upcast_path_tiny():

@@ -298,9 +298,6 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
             raise ValueError("importance holds NaN or inf")
     neuron_ids = [expert_neuron_ids(None if importance is None else importance[i], d_ff, num_experts, expert_size,
                                     shared) for i in range(len(layers))]
-    if tie_shared and shared and (style.gated or dense[0].b1 is None):
-        raise ValueError(f"tie_shared=True is not implemented yet for {config.model_type}'s "
-                         f"{'gated' if style.gated else 'bias-free'} FFN; use tie_shared=False")
     from .auto import moe_config_class  # auto.py builds its classes from this file's table
 
     # Everything is checked: from here on the model changes.

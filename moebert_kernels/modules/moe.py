@@ -2,8 +2,8 @@
 
 Every expert owns fc1, fc2 (with its own b2) and its own LayerNorm, as in the
 paper's code. With ``shared_size > 0`` the shared neurons are stored once, as a shared FFN
-every token runs (``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``), and each expert's
-fc1/fc2 hold only its own neurons. The GEMMs go through ``ops.moe_ffn`` and the residual add + expert LayerNorm through
+every token runs (``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``; gated ``[2s, d]`` and
+``[2s]``), and each expert's fc1/fc2 hold only its own neurons. The GEMMs go through ``ops.moe_ffn`` and the residual add + expert LayerNorm through
 ``ops.expert_layer_norm``; the module never picks a backend.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ class MoEFeedForward(nn.Module):
 
     Parameters are stacked over experts: ``w1 [E, h, d]`` (``[E, 2h, d]`` gated: a rows, then g rows),
     ``b1 [E, h]`` (``[E, 2h]``), ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``; with a
-    shared FFN also ``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``.
+    shared FFN also ``shared_w1 [s, d]`` (``[2s, d]`` gated), ``shared_b1 [s]`` (``[2s]``; absent with
+    ``bias=False``), ``shared_w2 [d, s]``.
     After each forward, ``aux_loss`` holds the gate's load-balancing loss (None for hash routers).
     """
 
@@ -89,12 +90,11 @@ class MoEFeedForward(nn.Module):
         self.b2 = nn.Parameter(torch.empty(E, d, **kw)) if bias else None
         self.ln_weight = nn.Parameter(torch.ones(E, d, **kw)) if expert_norm else None
         self.ln_bias = nn.Parameter(torch.zeros(E, d, **kw)) if expert_norm else None
-        if shared_size and (self.gated or not bias):
-            raise ValueError("a tied shared FFN (shared_size > 0) is implemented for ungated FFNs with biases only")
         self.shared_size = shared_size
         if shared_size:
-            self.shared_w1 = nn.Parameter(torch.empty(shared_size, d, **kw))
-            self.shared_b1 = nn.Parameter(torch.empty(shared_size, **kw))
+            s_up = 2 * shared_size if self.gated else shared_size
+            self.shared_w1 = nn.Parameter(torch.empty(s_up, d, **kw))
+            self.shared_b1 = nn.Parameter(torch.empty(s_up, **kw)) if bias else None
             self.shared_w2 = nn.Parameter(torch.empty(d, shared_size, **kw))
         else:
             self.shared_w1 = self.shared_b1 = self.shared_w2 = None
@@ -115,7 +115,8 @@ class MoEFeedForward(nn.Module):
         if self.shared_size:
             for w, fan_in in ((self.shared_w1, self.hidden_size), (self.shared_w2, fan_in2)):
                 nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)
-            nn.init.uniform_(self.shared_b1, -self.hidden_size ** -0.5, self.hidden_size ** -0.5)
+            if self.shared_b1 is not None:
+                nn.init.uniform_(self.shared_b1, -self.hidden_size ** -0.5, self.hidden_size ** -0.5)
         if self.expert_norm:
             nn.init.ones_(self.ln_weight)
             nn.init.zeros_(self.ln_bias)
@@ -147,12 +148,14 @@ class MoEFeedForward(nn.Module):
                 raise ValueError(f"{name} is {'missing' if t is None else 'given'} but this module "
                                  f"{'has' if want is not None else 'has no'} {name}")
         idx = neuron_ids.to(w1.device)
+        rows_of = (lambda i: torch.cat([i, i + d_ff], dim=-1)) if self.gated else (lambda i: i)  # noqa: E731
         if s:
-            self.shared_w1.copy_(w1[idx[0, :s]])
-            self.shared_b1.copy_(b1[idx[0, :s]])
+            self.shared_w1.copy_(w1[rows_of(idx[0, :s])])
+            if b1 is not None:
+                self.shared_b1.copy_(b1[rows_of(idx[0, :s])])
             self.shared_w2.copy_(w2[:, idx[0, :s]])
             idx = idx[:, s:]
-        up = torch.cat([idx, idx + d_ff], dim=1) if self.gated else idx
+        up = rows_of(idx)
         self.w1.copy_(w1[up])
         self.w2.copy_(w2[:, idx].permute(1, 0, 2))
         if b1 is not None:

@@ -12,6 +12,8 @@ from onnx_ir import DataType
 from onnx_ir import tensor as ir_tensor
 from onnxscript import opset18 as op
 
+from ..ops.moe_ffn import GATED_ACTIVATIONS
+
 __all__ = ["TRANSLATIONS"]
 
 
@@ -19,7 +21,14 @@ def _const(value, like):
     return ir_tensor(value, dtype=like.dtype)
 
 
-def _activate(h, activation: str):
+def _activate(h, activation: str, rows: int):
+    """act(h) of a pre-activation with ``rows`` (static) columns; gated: act(a) * g of its two halves."""
+    if activation in GATED_ACTIVATIONS:
+        half = rows // 2
+        axis = op.Constant(value_ints=[1])
+        a = op.Slice(h, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]), axis)
+        g = op.Slice(h, op.Constant(value_ints=[half]), op.Constant(value_ints=[rows]), axis)
+        return op.Mul(_activate(a, GATED_ACTIVATIONS[activation], half), g)
     if activation == "relu":
         return op.Relu(h)
     if activation == "gelu":
@@ -59,6 +68,11 @@ def _linear(x, w, b=None):
     return y if b is None else op.Add(y, b)
 
 
+def _row(b, idx):
+    """Expert idx's bias, or None for a bias-free FFN (ModernBERT)."""
+    return None if b is None else op.Gather(b, idx, axis=0)
+
+
 # The op's outputs: (out, hidden) or, with the tied shared expert's op, (out, hidden, shared_hidden).
 _MOE_FFN_OUTPUTS = len(torch.ops.moebert.moe_ffn_fwd.default._schema.returns)
 
@@ -76,8 +90,8 @@ def moe_ffn_fwd(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate=None, 
         lo = op.Slice(expert_offsets, op.Constant(value_ints=[e]), op.Constant(value_ints=[e + 1]))
         hi = op.Slice(expert_offsets, op.Constant(value_ints=[e + 1]), op.Constant(value_ints=[e + 2]))
         idx = op.Constant(value_int=e)
-        he = _linear(op.Slice(xs, lo, hi, zero), op.Gather(w1, idx, axis=0), op.Gather(b1, idx, axis=0))
-        ys.append(_linear(_activate(he, activation), op.Gather(w2, idx, axis=0), op.Gather(b2, idx, axis=0)))
+        he = _linear(op.Slice(xs, lo, hi, zero), op.Gather(w1, idx, axis=0), _row(b1, idx))
+        ys.append(_linear(_activate(he, activation, w1.shape[1]), op.Gather(w2, idx, axis=0), _row(b2, idx)))
         hs.append(he)
     out_shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(w2, start=1, end=2), axis=0)
     zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), x), out_shape)
@@ -87,7 +101,7 @@ def moe_ffn_fwd(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate=None, 
     shared_hidden = empty
     if shared_w1 is not None:
         h_shared = _linear(x, shared_w1, shared_b1)
-        out = op.Add(_linear(_activate(h_shared, activation), shared_w2), out)
+        out = op.Add(_linear(_activate(h_shared, activation, shared_w1.shape[0]), shared_w2), out)
         if save_hidden:
             shared_hidden = h_shared
     if gate is not None:

@@ -9,8 +9,8 @@ Gated activations (``GATED_ACTIVATIONS``, e.g. ModernBERT's ``"geglu"``): w1 is 
 takes act(a) * g. Optional features a backend must declare to be chosen: ``"gated"``,
 ``"no_bias"`` (b1 or b2 None).
 
-Tied shared expert (optional, feature ``"shared"``): ``shared_w1 [s, d]``, ``shared_b1 [s]``,
-``shared_w2 [d_out, s]`` run on every token,
+Tied shared expert (optional, feature ``"shared"``): ``shared_w1 [s, d]`` (``[2s, d]`` gated),
+``shared_b1 [s]`` (``[2s]``; None exactly when b1 is), ``shared_w2 [d_out, s]`` run on every token,
 y_t = g_t * (W2s act(W1s x_t + b1s) + W2[e_t] act(W1[e_t] x_t + b1[e_t]) + b2[e_t]).
 The shared part is a dense GEMM pair over all T rows (torch matmul, i.e. MKL/oneDNN or cuBLAS,
 for every backend); a backend that declares ``"shared"`` takes its product in token order
@@ -102,7 +102,7 @@ def moe_ffn_reference(
     y_sorted = torch.cat(pieces) if pieces else x.new_empty(0, d_out)
     y = torch.index_copy(x.new_zeros(T, d_out), 0, sorted_token_ids, y_sorted)
     if shared_w1 is not None:
-        y = y + activate(x @ shared_w1.t() + shared_b1, activation) @ shared_w2.t()
+        y = y + activate(_affine(x, shared_w1, shared_b1), activation) @ shared_w2.t()
     if gate is not None:
         y = y * gate.to(y.dtype).unsqueeze(-1)
     return y
@@ -281,7 +281,7 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
 
 def _shared_forward(x, w1s, b1s, w2s, activation):
     """(pre-activation [T, s], product W2s act(W1s x + b1s) [T, d_out]), token order."""
-    hs = torch.addmm(b1s, x, w1s.t())
+    hs = _affine(x, w1s, b1s)
     return hs, torch.mm(activate(hs, activation), w2s.t())
 
 
@@ -293,7 +293,7 @@ def _shared_backward(go, x, gate, w1s, b1s, w2s, hs, activation, needs):
     """
     n_x, n_w1, n_b1, n_w2, n_g = needs
     if hs is None:
-        hs = torch.addmm(b1s, x, w1s.t())
+        hs = _affine(x, w1s, b1s)
     a = activate(hs, activation)
     g = None if gate is None else gate.to(x.dtype).unsqueeze(-1)
     dx = dw1 = db1 = dw2 = dgate = None
@@ -307,7 +307,7 @@ def _shared_backward(go, x, gate, w1s, b1s, w2s, hs, activation, needs):
             dh = activation_backward(p if g is None else p * g, hs, activation)
             dx = torch.mm(dh, w1s) if n_x else None
             dw1 = torch.mm(dh.t(), x) if n_w1 else None
-            db1 = dh.sum(0) if n_b1 else None
+            db1 = dh.sum(0) if n_b1 and b1s is not None else None
     return dx, dw1, db1, dw2, dgate
 
 
@@ -464,14 +464,19 @@ def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu", 
     for name, t in (("b1", b1), ("b2", b2), ("gate", gate)):
         if t is not None:
             named[name] = t
-    shared = {"shared_w1": shared_w1, "shared_b1": shared_b1, "shared_w2": shared_w2}
-    given = [k for k, v in shared.items() if v is not None]
-    if given and len(given) != 3:
-        raise ValueError(f"a shared expert needs shared_w1, shared_b1 and shared_w2 together; got only {given}")
-    if given:
-        named.update(shared)
-        if activation in GATED_ACTIVATIONS:
-            raise ValueError(f"a tied shared expert is not implemented for gated activations ({activation!r})")
+    if (shared_w1 is None) != (shared_w2 is None) or (shared_w1 is None and shared_b1 is not None):
+        given = [k for k, v in (("shared_w1", shared_w1), ("shared_b1", shared_b1), ("shared_w2", shared_w2))
+                 if v is not None]
+        raise ValueError(f"a shared expert needs shared_w1 and shared_w2 together (and shared_b1 when b1 is "
+                         f"given); got only {given}")
+    if shared_w1 is not None:
+        if (shared_b1 is None) != (b1 is None):
+            raise ValueError("shared_b1 must be given exactly when b1 is: the shared expert has biases like the "
+                             f"routed ones (b1 is {'None' if b1 is None else 'given'}, shared_b1 is "
+                             f"{'None' if shared_b1 is None else 'given'})")
+        named.update({"shared_w1": shared_w1, "shared_w2": shared_w2})
+        if shared_b1 is not None:
+            named["shared_b1"] = shared_b1
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -502,11 +507,12 @@ def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu", 
     if b2 is not None and tuple(b2.shape) != (E, w2.shape[1]):
         raise ValueError(f"b2 must be [E, d_out] = {(E, w2.shape[1])}, got {tuple(b2.shape)}")
     if shared_w1 is not None:
-        if shared_w1.dim() != 2 or shared_w1.shape[1] != d:
-            raise ValueError(f"shared_w1 must be [s, d={d}], got {tuple(shared_w1.shape)}")
-        s = shared_w1.shape[0]
-        if tuple(shared_b1.shape) != (s,):
-            raise ValueError(f"shared_b1 must be [s] = ({s},), got {tuple(shared_b1.shape)}")
+        if shared_w1.dim() != 2 or shared_w1.shape[1] != d or (gated and shared_w1.shape[0] % 2):
+            raise ValueError(f"shared_w1 must be [{'2s' if gated else 's'}, d={d}], got {tuple(shared_w1.shape)}")
+        s_up = shared_w1.shape[0]
+        s = s_up // 2 if gated else s_up
+        if shared_b1 is not None and tuple(shared_b1.shape) != (s_up,):
+            raise ValueError(f"shared_b1 must be [{'2s' if gated else 's'}] = ({s_up},), got {tuple(shared_b1.shape)}")
         if tuple(shared_w2.shape) != (w2.shape[1], s):
             raise ValueError(f"shared_w2 must be [d_out, s] = {(w2.shape[1], s)}, got {tuple(shared_w2.shape)}")
     if plan.num_experts != E:
