@@ -56,13 +56,16 @@ def expert_layer_norm_reference(x: Tensor, expert_ids: Tensor, weight: Tensor, b
 # ---- torch backend ----------------------------------------------------------------------------
 
 def _z(x: Tensor, residual: Optional[Tensor], acc: torch.dtype) -> Tensor:
-    return x.to(acc) if residual is None else torch.add(x.to(acc), residual.to(acc))
+    # (the add promotes a 16-bit residual to acc: one pass fewer than casting it first)
+    return x.to(acc) if residual is None else torch.add(x.to(acc), residual)
 
 
 def expert_layer_norm_forward(x, residual, expert_ids, weight, bias, eps):
     acc = stats_dtype(x, residual, weight)
     z = _z(x, residual, acc)
-    n, mean, rstd = torch.ops.aten.native_layer_norm(z, [z.shape[-1]], None, None, eps)
+    # A unit weight, not None: ATen's CPU LayerNorm has a vectorised kernel only for the affine case
+    # (T=128, d=768 fp32, 2 threads: 21 us against 56 us without a weight).
+    n, mean, rstd = torch.ops.aten.native_layer_norm(z, [z.shape[-1]], z.new_ones(z.shape[-1]), None, eps)
     ids = expert_ids.long()
     y = torch.addcmul(bias.to(acc).index_select(0, ids), n, weight.to(acc).index_select(0, ids))
     return y.to(out_dtype(x, residual)), mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc)
