@@ -86,8 +86,6 @@ CASES = [(37, 48, 4, "random"), (1, 24, 4, "random"), (40, 33, 3, "empty_expert"
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_backend_matches_reference_forward_and_grads(backend, case, residual, dtype):
-    if backend == "torch" and dtype in (torch.float16, torch.bfloat16) and DEVICE == "cpu":
-        pytest.skip("half precision on CPU: covered by the fp32 and fp64 torch-backend cases")
     if backend == "cuda" and dtype == torch.float64:
         pytest.skip("the cuda backend takes fp32/fp16/bf16; test_cuda_backend_rejects_fp64 checks the error")
     T, d, E, routing = case
