@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 GPU_FILES = ["expert_layer_norm", "distill_loss", "cuda_ext", "triton_moe_ffn"]
-BENCHES = ["moe_ffn", "distill_loss", "expert_layer_norm", "end_to_end"]
+BENCHES = ["moe_ffn", "distill_loss", "expert_layer_norm", "end_to_end", "tied", "moe_ffn_gated"]
 ORDER = (["env", "build", "verdicts", "sanitize"] + [f"gpu-{f}" for f in GPU_FILES]
          + [f"bench-{b}" for b in BENCHES] + ["report"] + (["demo"] if (ROOT / "carry" / "minilm").is_dir() else [])
          + ["tests"])
