@@ -142,6 +142,9 @@ def test_baseline_refuses_moe_options(tmp_path, capsys):
     assert code == 2
     assert "--num-experts, --shared, --router and --tie-shared do not apply" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    code = main(["convert", "--model", base, "--task", "classification", "--output", str(tmp_path / "o"),
+                 "--no-importance", "--baseline", "pruned", "--expert-size", "8", "--no-tie-shared"])
+    assert code == 2 and "--tie-shared do not apply" in capsys.readouterr().err
 
 
 def test_demo_reports_the_baseline_beside_the_moe_student(tmp_path, capsys):
@@ -153,7 +156,7 @@ def test_demo_reports_the_baseline_beside_the_moe_student(tmp_path, capsys):
     table = out[out.index("== MoEBERT demo result"):].splitlines()
     rows = {line.split("(")[0].strip(): line for line in table[2:5]}
     assert set(rows) == {"dense teacher", "MoE student", "pruned dense baseline"}, table
-    assert "4 experts x 16 neurons, 8 shared, hash router" in rows["MoE student"]
+    assert "4 experts x 16 neurons, 8 shared, tied, hash router" in rows["MoE student"]  # tied: the default
     assert "FFN 16 of 64 neurons, importance-ranked" in rows["pruned dense baseline"]
     # same active parameters per token: the baseline's total is the student's active count
     moe, pruned = (rows[k].split(")")[-1].split() for k in ("MoE student", "pruned dense baseline"))

@@ -72,7 +72,8 @@ def test_cli_chain_on_every_family(family, tmp_path):
     assert json.load(open(os.path.join(base, "config.json")))["model_type"] == family
     write_rows(p("train.csv"), 16, seed=0)
     write_rows(p("dev.csv"), 8, seed=1)
-    tie = ["--tie-shared"] if family in ("modernbert", "deberta-v2") else []  # gated + bias-free, and ungated
+    # tied is the CLI's default (gated + bias-free ModernBERT, ungated DeBERTa); the rest opt out
+    untie = [] if family in ("modernbert", "deberta-v2") else ["--no-tie-shared"]
     data = ["--task", "classification", "--text-column", "text", "--label-column", "sentiment"]
     train = ["--device", "cpu", "--batch-size", "8", "--learning-rate", "1e-3", "--logging-steps", "1"]
     assert main(["finetune", "--model", base, "--output", p("teacher"), "--data", p("train.csv"), "--max-steps", "2",
@@ -85,7 +86,7 @@ def test_cli_chain_on_every_family(family, tmp_path):
     assert imp.shape == (2, 64) and float(imp.sum()) > 0
     assert main(["convert", "--model", p("teacher"), "--task", "classification", "--output", p("student0"),
                  "--importance", p("imp.safetensors"), "--num-experts", "2", "--expert-size", "24",
-                 "--shared", "8", *tie]) == 0
+                 "--shared", "8", *untie]) == 0
     assert main(["distill", "--teacher", p("teacher"), "--student", p("student0"), "--output", p("student"),
                  "--data", p("train.csv"), "--max-steps", "2", *data, *train]) == 0
     assert main(["evaluate", "--model", p("student"), "--data", p("dev.csv"), "--output", p("metrics.json"),
@@ -93,7 +94,7 @@ def test_cli_chain_on_every_family(family, tmp_path):
     metrics = json.load(open(p("metrics.json")))
     assert metrics["examples"] == 8 and metrics["params_active"] < metrics["params_total"]
     settings = json.load(open(p("student", "config.json")))["moebert"]
-    assert settings["num_experts"] == 2 and settings["tie_shared"] is bool(tie)
+    assert settings["num_experts"] == 2 and settings["tie_shared"] is not untie
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

@@ -37,7 +37,10 @@ def test_plan_covers_every_student_width_and_regime():
     assert keys == ["pruned-d4", "moe-d4", "gate-d4", "pruned-d8", "moe-d8", "gate-d8", "moe8-d4"]
     assert [s.key for s in students(1536, tied=True)][:4] == ["pruned-d4", "moe-d4", "tied-d4", "gate-d4"]
     moe8 = students(1536, tied=False)[-1].convert
-    assert moe8 == dict(num_experts=8, expert_size=384, shared=256, router="hash")
+    assert moe8 == dict(num_experts=8, expert_size=384, shared=256, router="hash", tie_shared=False)
+    # the copied layout is asked for by name: the CLI's default is tied
+    assert all(s.convert.get("tie_shared") is (s.kind == "tied") for s in students(1536, tied=True)
+               if s.kind != "pruned")
     jobs = plan(settings, 1536, tied=False)
     assert len(jobs) == 2 * 2 * (1 + 7) + 2 * 2  # teachers, every student, two larger-data cells on task b
     assert [(j[1], j[4].key) for j in jobs if j[0] == "cell" and j[3] == "large"] == \

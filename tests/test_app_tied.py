@@ -21,9 +21,13 @@ def test_convert_distill_evaluate_tied(tmp_path):
                  "--batch-size", "8", "--quiet", "--device", "cpu", *DATA]) == 0
     convert = ["convert", "--model", base, "--task", "classification", "--importance", p("imp.safetensors"),
                "--num-experts", "2", "--expert-size", "24", "--shared", "8"]
-    assert main([*convert, "--output", p("untied")]) == 0
-    assert main([*convert, "--output", p("tied"), "--tie-shared"]) == 0
+    assert main([*convert, "--output", p("untied"), "--no-tie-shared"]) == 0
+    assert main([*convert, "--output", p("tied")]) == 0  # tied is the default
+    assert main([*convert, "--output", p("tied-explicit"), "--tie-shared"]) == 0
     assert json.load(open(p("tied", "config.json")))["moebert"]["tie_shared"] is True
+    assert json.load(open(p("tied-explicit", "config.json")))["moebert"] == \
+        json.load(open(p("tied", "config.json")))["moebert"]
+    assert json.load(open(p("untied", "config.json")))["moebert"]["tie_shared"] is False
     untied, tied = mk.from_pretrained(p("untied")), mk.from_pretrained(p("tied"))
     ids = torch.randint(5, 30, (3, 7))
     with torch.no_grad():

@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", type=int, help="neurons shared by all experts (default: 2/3 of --expert-size, "
                                               "rounded down to a multiple of 8)")
     p.add_argument("--router", default="hash", choices=ROUTERS, help="hash is the paper's")
-    p.add_argument("--tie-shared", action="store_true",
+    p.add_argument("--tie-shared", action=argparse.BooleanOptionalAction, default=None,
                    help="store the shared neurons once, as a shared FFN every token runs (half the FFN weights at "
-                        "BERT-base sizes), instead of a copy in every expert (the paper's code)")
+                        "BERT-base sizes; the default, README: Quality); --no-tie-shared copies them into every "
+                        "expert, as the paper's code does")
     p.add_argument("--seed", type=int, default=0, help="layer l's hash table is drawn with seed + l")
     g = p.add_argument_group("data for balanced_hash token counts")
     g.add_argument("--data", help="local CSV/TSV/JSONL file (default: the task's hub dataset or shipped file)")

@@ -13,8 +13,8 @@ the same active width with no routing) -> distill each on the teacher's 6000 tra
 same loss and steps -> one row per model: accuracy on the 1000-row test split, parameter
 counts, and inference ex/s measured in this run, the models timed in alternation on the same
 batches.
-``--tie-shared`` stores the MoE student's shared neurons once (a shared FFN); ``--compare-tied`` adds
-the tied student beside the copied one, from the same teacher and importance.
+The MoE student stores its shared neurons once (a shared FFN; ``--no-tie-shared`` copies them into every
+expert, as the paper's code does); ``--compare-tied`` distils both layouts from the same teacher and importance.
 """
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, default=4, help="experts per layer")
     p.add_argument("--expert-size", type=int, help="default: d_ff/4 (384 for MiniLM)")
     p.add_argument("--shared", type=int, help="default: 2/3 of the expert size (256 for MiniLM)")
-    p.add_argument("--tie-shared", action="store_true",
-                   help="the student stores its shared neurons once, as a shared FFN (default: a copy per expert)")
+    p.add_argument("--tie-shared", action=argparse.BooleanOptionalAction, default=True,
+                   help="the student stores its shared neurons once, as a shared FFN (the default); "
+                        "--no-tie-shared copies them into every expert, as the paper's code does")
     p.add_argument("--compare-tied", action="store_true",
                    help="distil both layouts (copied and tied shared neurons) and report them side by side")
     p.add_argument("--no-baseline", action="store_true",
@@ -85,7 +86,7 @@ def _ns(**kw) -> argparse.Namespace:
 def student_variants(args) -> list[dict]:
     """The students distilled side by side, one result row each: ``name``, ``folder`` and the
     ``moebert convert`` options that make it (see ``convert_args``)."""
-    moe = dict(num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared)
+    moe = dict(num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared, tie_shared=False)
     tied = dict(moe, tie_shared=True)
     if args.compare_tied:
         variants = [dict(name="MoE student", folder="student", convert=dict(moe, tie_shared=False)),

@@ -62,14 +62,15 @@ def students(d_ff: int, tied: bool) -> list[Student]:
     out = []
     for div in (4, 8):
         h = d_ff // div
-        moe = dict(num_experts=4, expert_size=h, shared=h * 2 // 3)
+        moe = dict(num_experts=4, expert_size=h, shared=h * 2 // 3, tie_shared=False)  # the CLI's default is tied
         out.append(Student(f"pruned-d{div}", "pruned", div, dict(baseline="pruned", expert_size=h)))
         out.append(Student(f"moe-d{div}", "moe", div, dict(moe, router="hash")))
         if tied:
             out.append(Student(f"tied-d{div}", "tied", div, dict(moe, router="hash", tie_shared=True)))
         out.append(Student(f"gate-d{div}", "gate", div, dict(moe, router="token_gate")))
     h = d_ff // 4
-    out.append(Student("moe8-d4", "moe8", 4, dict(num_experts=8, expert_size=h, shared=h * 2 // 3, router="hash")))
+    out.append(Student("moe8-d4", "moe8", 4, dict(num_experts=8, expert_size=h, shared=h * 2 // 3, router="hash",
+                                                  tie_shared=False)))
     return out
 
 
