@@ -35,8 +35,8 @@ from typing import Optional
 
 __all__ = ["add_arguments", "run", "students", "plan", "write_table", "write_plot"]
 
-# Sizes: the default is sized for about an hour on a quiet 2-core CPU with all-MiniLM-L6-v2
-# (README, Quality); --quick for a few minutes.
+# Sizes: the default took about 1.5 hours on the 2-core CPU host with all-MiniLM-L6-v2, part of it beside other
+# CPU work (README, Quality); --quick for a few minutes.
 _DEFAULT = dict(teacher_rows=4000, importance_rows=512, distill_rows=2000, large_rows=None, large_epochs=2.0,
                 eval_rows=None, speed_rows=256, large_tasks="snli")
 _QUICK = dict(teacher_rows=1000, importance_rows=128, distill_rows=600, large_rows=1500, large_epochs=2.0,
