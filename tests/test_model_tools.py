@@ -213,6 +213,9 @@ def test_saved_student_loads_through_every_route_in_a_fresh_process(kind, tmp_pa
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.save({"ids": ids, "mask": mask, "logits": logits(model, ids, mask), "hidden": hidden},
                tmp_path / "io.pt")
+    # Across processes only to fp32 rounding: a fresh process lays memory out differently, and the CPU GEMMs
+    # then round a few elements differently in the last bit (seen: 2 of 864 at 4e-8). A wrong weight or
+    # routing is O(1e-2).
     run_python(f"""
         import torch
         import moebert_kernels as mk
@@ -232,16 +235,16 @@ def test_saved_student_loads_through_every_route_in_a_fresh_process(kind, tmp_pa
         for name, m in routes.items():
             assert len(mk.moe_layers(m)) == 2, name
             assert m.config.moebert["aux_loss_coef"] == 0.25, name
-            torch.testing.assert_close(out(m).logits, io["logits"], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(out(m).logits, io["logits"], rtol=1e-6, atol=1e-7, msg=name)
         base = AutoModel.from_pretrained({str(student)!r})
         assert type(base).__name__ == "MoE{_HEADS[kind].split("For")[0]}Model" and len(mk.moe_layers(base)) == 2
-        torch.testing.assert_close(out(base).last_hidden_state, io["hidden"], rtol=0, atol=0)
+        torch.testing.assert_close(out(base).last_hidden_state, io["hidden"], rtol=1e-6, atol=1e-7)
         # a student loaded through AutoModel saves and reloads the same
         auto = routes["AutoModelForSequenceClassification"]
         auto.save_pretrained({str(tmp_path / "again")!r})
         again = mk.from_pretrained({str(tmp_path / "again")!r})
         assert type(again).__name__ == {_HEADS[kind]!r}
-        torch.testing.assert_close(out(again).logits, io["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(out(again).logits, io["logits"], rtol=1e-6, atol=1e-7)
     """, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
 
 
