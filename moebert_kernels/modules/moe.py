@@ -3,8 +3,8 @@
 Every expert owns fc1, fc2 (with its own b2) and its own LayerNorm, as in the
 paper's code. With ``shared_size > 0`` the shared neurons are stored once, as a shared FFN
 every token runs (``shared_w1 [s, d]``, ``shared_b1 [s]``, ``shared_w2 [d, s]``; gated ``[2s, d]`` and
-``[2s]``), and each expert's fc1/fc2 hold only its own neurons. The GEMMs go through ``ops.moe_ffn`` and the residual add + expert LayerNorm through
-``ops.expert_layer_norm``; the module never picks a backend.
+``[2s]``), and each expert's fc1/fc2 hold only its own neurons. The GEMMs go through ``ops.moe_ffn`` and
+the residual add + expert LayerNorm through ``ops.expert_layer_norm``; the module never picks a backend.
 """
 from __future__ import annotations
 

@@ -464,11 +464,10 @@ def check_moe_ffn_inputs(x, plan, w1, b1, w2, b2, gate=None, activation="gelu", 
     for name, t in (("b1", b1), ("b2", b2), ("gate", gate)):
         if t is not None:
             named[name] = t
-    if (shared_w1 is None) != (shared_w2 is None) or (shared_w1 is None and shared_b1 is not None):
-        given = [k for k, v in (("shared_w1", shared_w1), ("shared_b1", shared_b1), ("shared_w2", shared_w2))
-                 if v is not None]
-        raise ValueError(f"a shared expert needs shared_w1 and shared_w2 together (and shared_b1 when b1 is "
-                         f"given); got only {given}")
+    given = [k for k, v in (("shared_w1", shared_w1), ("shared_b1", shared_b1), ("shared_w2", shared_w2))
+             if v is not None]
+    if given and (shared_w1 is None or shared_w2 is None):
+        raise ValueError(f"a shared expert needs shared_w1 and shared_w2 together; got only {given}")
     if shared_w1 is not None:
         if (shared_b1 is None) != (b1 is None):
             raise ValueError("shared_b1 must be given exactly when b1 is: the shared expert has biases like the "

@@ -89,7 +89,7 @@ def student_variants(args) -> list[dict]:
     moe = dict(num_experts=args.num_experts, expert_size=args.expert_size, shared=args.shared, tie_shared=False)
     tied = dict(moe, tie_shared=True)
     if args.compare_tied:
-        variants = [dict(name="MoE student", folder="student", convert=dict(moe, tie_shared=False)),
+        variants = [dict(name="MoE student", folder="student", convert=moe),
                     dict(name="tied MoE student", folder="student-tied", convert=tied)]
     else:
         variants = [dict(name="MoE student", folder="student", convert=tied if args.tie_shared else moe)]
