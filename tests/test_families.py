@@ -1,4 +1,5 @@
 """patch() on every supported family, at the level users call it: whole tiny random HF models."""
+import contextlib
 import copy
 
 import pytest
@@ -247,11 +248,16 @@ def test_unsupported_model_lists_every_family():
 
 # ---- ModernBERT: gated pre-norm MLP ------------------------------------------------------------
 
-def begin_batch(model, ids, mask):
-    """What the base model's pre-forward hook does at the start of a forward: build the batch's plans."""
-    from moebert_kernels.hf.patch import _begin_batch
+@contextlib.contextmanager
+def model_call(model, ids, mask):
+    """What the base model's hooks do around a forward: inside, the layers route by this call's plans."""
+    from moebert_kernels.hf.patch import _begin_batch, _end_batch
 
     _begin_batch(model.base_model, (), {"input_ids": ids, "attention_mask": mask})
+    try:
+        yield
+    finally:
+        _end_batch(model.base_model, (), None)
 
 
 def test_modernbert_layer_with_one_expert_equals_the_stock_gated_mlp():
@@ -265,16 +271,17 @@ def test_modernbert_layer_with_one_expert_equals_the_stock_gated_mlp():
     assert tuple(moe.w1.shape) == (1, 2 * FF, D) and tuple(moe.w2.shape) == (1, D, FF)
     assert isinstance(layer.mlp_norm, torch.nn.LayerNorm)  # the shared pre-norm stays the model's
     ids, mask = batch()
-    begin_batch(model, ids, mask)
     x = torch.randn(3, 9, D, requires_grad=True)
-    torch.testing.assert_close(moe(x), stock_mlp(x), rtol=1e-5, atol=1e-6)
+    with model_call(model, ids, mask):
+        torch.testing.assert_close(moe(x), stock_mlp(x), rtol=1e-5, atol=1e-6)
     # The whole layer: h + mlp(mlp_norm(h)) with the residual and norm outside the MoE.
     if hasattr(model, "rotary_emb"):  # transformers 5: rotary embeddings come from the model
         pos = model.rotary_emb(x, torch.arange(9)[None], layer.attention_type)
         run = lambda m: m(x, attention_mask=None, position_embeddings=pos)  # noqa: E731
     else:  # transformers 4.x: each layer rotates from position_ids and returns a tuple
         run = lambda m: m(x, position_ids=torch.arange(9)[None])[0]  # noqa: E731
-    torch.testing.assert_close(run(layer), run(stock_layer), rtol=1e-5, atol=1e-6)
+    with model_call(model, ids, mask):
+        torch.testing.assert_close(run(layer), run(stock_layer), rtol=1e-5, atol=1e-6)
 
 
 def test_modernbert_unpadded_hidden_states_route_by_the_kept_tokens_ids():
@@ -291,12 +298,12 @@ def test_modernbert_unpadded_hidden_states_route_by_the_kept_tokens_ids():
     flat = ids.view(-1)
     for wrong, kept in zip(range(15, 18), range(18, 21)):
         flat[kept] = next(i for i in range(3, V) if table[i] != table[flat[wrong]])
-    begin_batch(model, ids, mask)
     hidden = torch.randn(3, 9, D)
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()  # as HF's _unpad_modernbert_input
     unpadded = hidden.reshape(-1, D)[indices]
-    padded_out = hidden + layer.mlp(layer.mlp_norm(hidden))
-    unpadded_out = unpadded + layer.mlp(layer.mlp_norm(unpadded))
+    with model_call(model, ids, mask):
+        padded_out = hidden + layer.mlp(layer.mlp_norm(hidden))
+        unpadded_out = unpadded + layer.mlp(layer.mlp_norm(unpadded))
     torch.testing.assert_close(unpadded_out, padded_out.reshape(-1, D)[indices], rtol=1e-6, atol=1e-6)
     # Routing the first total_nnz ids instead (ignoring the mask) gives other experts.
     assert not torch.equal(table[ids.flatten()[:len(indices)]], table[ids.flatten()[indices]])
@@ -306,8 +313,8 @@ def test_modernbert_unpadded_without_a_mask_says_what_is_wrong():
     model = tiny("modernbert", "Model")
     mk.patch(model, num_experts=4, expert_size=16, shared=4)
     ids, _ = batch()
-    begin_batch(model, ids, None)
-    with pytest.raises(ValueError, match="routing plan covers 27 tokens but hidden_states has 20"):
+    with model_call(model, ids, None), \
+            pytest.raises(ValueError, match="routing plan covers 27 tokens but hidden_states has 20"):
         model.layers[0].mlp(torch.randn(20, D))
 
 

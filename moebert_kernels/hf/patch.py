@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
-from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, RoutingState, SentenceGate, TokenGate
+from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, SentenceGate, TokenGate
+from ..modules.routing_state import RoutingState, bind_to_call, last_aux_loss
 from ..ops.dispatch import BACKENDS
 
 __all__ = ["FAMILIES", "MoEBertSettings", "SUPPORTED_CLASSES", "SUPPORTED_MODEL_TYPES", "aux_loss",
@@ -302,7 +303,6 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
 
     # Everything is checked: from here on the model changes.
     tied = shared if tie_shared else 0
-    routing = RoutingState()
     for i, (layer, ffn) in enumerate(zip(layers, dense)):
         w1 = ffn.w1
         r = _make_router(router, config, d, num_experts, seed + i, token_counts)
@@ -314,10 +314,9 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
         moe.load_dense(*(None if t is None else t.detach() for t in (ffn.w1, ffn.b1, ffn.w2, ffn.b2, ffn.ln_weight,
                                                                        ffn.ln_bias)), neuron_ids[i])
         moe.train(layer.training)  # new modules start in train mode; keep the model's mode
-        object.__setattr__(moe, "_routing", routing)  # a reference, not a submodule: the base model owns it
         style.install(layer, moe)
 
-    base.moebert_routing = routing  # parameter-less: the state dict keys stay those of the checkpoint
+    # Each call of the base model is a RoutingState (modules/routing_state.py); the model holds none.
     base.register_forward_pre_hook(_begin_batch, with_kwargs=True)
     base.register_forward_hook(_end_batch, always_call=True)
     if aux_loss_coef:
@@ -332,14 +331,32 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
 def _begin_batch(base: nn.Module, args, kwargs) -> None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    hash_routers = {m.layer_idx: m.router for m in moe_layers(base) if isinstance(m.router, HashRouter)}
-    base.moebert_routing.begin(input_ids, mask, hash_routers)
+    layers = []
+    for m in base.modules():
+        if isinstance(m, MoEFeedForward):
+            layers.append(m)
+        # Set by gradient_checkpointing_enable() on each layer, at any time: wrapped (once) so that
+        # the recompute in backward runs in the call that ran the layer.
+        checkpoint = m.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is not None and not isinstance(checkpoint, _CheckpointInCall) and \
+                not torch.compiler.is_compiling():
+            m._gradient_checkpointing_func = _CheckpointInCall(checkpoint)
+    RoutingState.begin(layers, input_ids, mask)
 
 
 def _end_batch(base: nn.Module, args, output) -> None:
-    base.moebert_routing.end()
-    for m in moe_layers(base):
-        m._last_plan = None
+    RoutingState.end(moe_layers(base))
+
+
+class _CheckpointInCall:
+    """A layer's checkpoint function (``torch.utils.checkpoint.checkpoint`` or HF's variant of it)
+    whose recompute reads the routing of the call that ran the layer, not of a later call."""
+
+    def __init__(self, checkpoint: Callable):
+        self.checkpoint = checkpoint
+
+    def __call__(self, function, *args, **kwargs):
+        return self.checkpoint(bind_to_call(function), *args, **kwargs)
 
 
 def _add_aux_loss(model: nn.Module, args, kwargs, output):
@@ -365,6 +382,7 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
 
 
 def aux_loss(model: nn.Module) -> Optional[Tensor]:
-    """Sum of the gates' load-balancing losses from the last forward (None with hash routing)."""
-    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    """Sum of the gates' load-balancing losses from the model's last forward in this thread (None with
+    hash routing); ``model`` may also be one layer or any module holding some."""
+    losses = [a for a in map(last_aux_loss, moe_layers(model)) if a is not None]
     return torch.stack(losses).sum() if losses else None

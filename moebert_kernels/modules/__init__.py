@@ -1,8 +1,8 @@
 """nn.Modules over ops."""
 from .distill import DistillationLoss, DistillOutput
 from .moe import DeferredExpertLayerNorm, MoEFeedForward
-from .routers import (BalancedHashRouter, GateOutput, HashRouter, RoutingState, SentenceGate, TokenGate,
-                      switch_load_balancing_loss)
+from .routers import BalancedHashRouter, GateOutput, HashRouter, SentenceGate, TokenGate, switch_load_balancing_loss
+from .routing_state import RoutingState
 
 __all__ = ["BalancedHashRouter", "DeferredExpertLayerNorm", "GateOutput", "HashRouter", "MoEFeedForward",
            "RoutingState", "SentenceGate", "TokenGate", "switch_load_balancing_loss"]

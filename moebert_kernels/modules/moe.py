@@ -17,7 +17,8 @@ from ..ops import moe_ffn
 from ..ops.expert_layer_norm import expert_layer_norm
 from ..ops.moe_ffn import ACTIVATIONS, GATED_ACTIVATIONS
 from ..ops.routing import RoutingPlan
-from .routers import HashRouter, RoutingState, SentenceGate, TokenGate
+from .routers import HashRouter, SentenceGate, TokenGate
+from .routing_state import RoutingState, current_call, in_backward
 
 __all__ = ["MoEFeedForward", "DeferredExpertLayerNorm"]
 
@@ -34,7 +35,7 @@ class MoEFeedForward(nn.Module):
             ``"geglu"``/``"geglu_tanh"``/``"reglu"`` (act(a) * g; w1 is then ``[E, 2h, d]``).
         dropout: applied to the FFN output before the residual add.
         layer_norm_eps: BERT uses 1e-12.
-        layer_idx: which layer's plan to take from the model's ``RoutingState``.
+        layer_idx: which layer's plan to take from the model call's ``RoutingState``.
         fuse_norm: False returns ``dropout(ffn(x))`` and leaves the residual LayerNorm to
             a ``DeferredExpertLayerNorm`` (DistilBERT applies it outside its FFN).
         expert_norm: False: no per-expert LayerNorm at all, the module is ``dropout(ffn(x))``
@@ -48,7 +49,9 @@ class MoEFeedForward(nn.Module):
     ``b1 [E, h]`` (``[E, 2h]``), ``w2 [E, d, h]``, ``b2 [E, d]``, ``ln_weight``/``ln_bias [E, d]``; with a
     shared FFN also ``shared_w1 [s, d]`` (``[2s, d]`` gated), ``shared_b1 [s]`` (``[2s]``; absent with
     ``bias=False``), ``shared_w2 [d, s]``.
-    After each forward, ``aux_loss`` holds the gate's load-balancing loss (None for hash routers).
+    Inside a patched model the routing state belongs to the model's call (``routing_state``), and
+    ``hf.aux_loss(model)`` gives the gates' losses of this thread's last call. A layer called on its
+    own (or compiled) keeps its gate's load-balancing loss in ``aux_loss`` (None for hash routers).
     """
 
     def __init__(
@@ -101,8 +104,8 @@ class MoEFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.router = router
         self.aux_loss: Optional[Tensor] = None
-        self._routing: Optional[RoutingState] = None  # the model's, set by patch (not a submodule)
-        self._last_plan: Optional[RoutingPlan] = None
+        self._last_plan: Optional[RoutingPlan] = None  # for the deferred LayerNorm of a layer used on its own
+        self._traced_routing: Optional[RoutingState] = None  # the call, while torch.compile traces one
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -171,26 +174,24 @@ class MoEFeedForward(nn.Module):
               input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None):
         """Return ``(plan, gate_probs_or_None, aux_loss_or_None)`` for ``hidden_states [..., d]``."""
         T = hidden_states.numel() // self.hidden_size
-        state = self._routing
         if plan is not None:
             return plan, None, None
+        call = current_call(self)
         router = self.router
         if isinstance(router, HashRouter):
-            if input_ids is None and state is not None:
-                plan = _kept_tokens_plan(state, self.layer_idx, T, hidden_states)
+            if input_ids is None and call is not None:
+                plan = _kept_tokens_plan(call, self.layer_idx, T, hidden_states)
                 if plan is None:
-                    plan = state.plan(self.layer_idx, T)
+                    plan = call.plan(self.layer_idx, T)
             if plan is None:
                 if input_ids is None:
-                    raise ValueError(
-                        "hash routing needs token ids: call the patched model with input_ids "
-                        "(not inputs_embeds), or pass input_ids= or plan= to this layer")
+                    raise ValueError(_no_plan_message(call))
                 if input_ids.numel() != T:
                     raise ValueError(f"input_ids has {input_ids.numel()} tokens but hidden_states has {T}")
                 plan = RoutingPlan.from_expert_ids(router(input_ids.reshape(-1)), self.num_experts, validate=False)
             return plan, None, None
-        if attention_mask is None and state is not None and state.usable():
-            attention_mask = state.attention_mask
+        if attention_mask is None and call is not None:
+            attention_mask = call.attention_mask
         if isinstance(router, SentenceGate):
             if hidden_states.dim() != 3:
                 raise ValueError("sentence routing needs [B, S, d] hidden states")
@@ -224,7 +225,12 @@ class MoEFeedForward(nn.Module):
         which is what BERT passes once its intermediate layer is an identity)."""
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states must end in d={self.hidden_size}, got shape {tuple(hidden_states.shape)}")
-        plan, gate, self.aux_loss = self.route(hidden_states, plan, input_ids, attention_mask)
+        plan, gate, aux_loss = self.route(hidden_states, plan, input_ids, attention_mask)
+        call = current_call(self)
+        if call is None or torch.compiler.is_compiling():
+            self.aux_loss = aux_loss
+        if call is not None and not call.ended:  # (a checkpoint's recompute leaves the call's record alone)
+            call.aux_losses[self.layer_idx] = aux_loss
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         weights = (self.w1, self.b1, self.w2, self.b2)
@@ -242,7 +248,10 @@ class MoEFeedForward(nn.Module):
         if not self.expert_norm:
             return y
         if not self.fuse_norm:
-            self._last_plan = plan
+            if call is None:
+                self._last_plan = plan
+            else:
+                call.last_plans[self.layer_idx] = plan
             return y
         residual = hidden_states if input_tensor is None else input_tensor
         return self.expert_layer_norm(y, plan, residual)
@@ -252,12 +261,24 @@ class MoEFeedForward(nn.Module):
                 f"shared_size={self.shared_size}, activation={self.activation!r}, layer_idx={self.layer_idx}")
 
 
-def _kept_tokens_plan(state: RoutingState, layer_idx: int, T: int, hidden_states: Tensor) -> Optional[RoutingPlan]:
+def _no_plan_message(call: Optional[RoutingState]) -> str:
+    if call is not None:
+        return ("hash routing needs token ids: call the patched model with input_ids (not inputs_embeds), "
+                "or pass input_ids= or plan= to this layer")
+    if in_backward():
+        return ("this layer is recomputed in backward (activation checkpointing) after the model call that "
+                "routed it ended, and no plan of that call came with it: enable checkpointing with the model's "
+                "gradient_checkpointing_enable(), or checkpoint the whole model, not a layer by hand")
+    return ("no routing plan for this batch: was this layer called outside its model's forward? "
+            "Call the patched model, or pass input_ids= or plan= to this layer")
+
+
+def _kept_tokens_plan(call: RoutingState, layer_idx: int, T: int, hidden_states: Tensor) -> Optional[RoutingPlan]:
     """Unpadded hidden states ``[kept tokens, d]`` (ModernBERT's FlashAttention path in transformers 4.x):
-    the batch's plan restricted to the tokens the attention mask keeps, in the row-major order unpadding
+    the call's plan restricted to the tokens the attention mask keeps, in the row-major order unpadding
     keeps them. None when the hidden states are not unpadded."""
-    full, mask = state.plans.get(layer_idx), state.attention_mask
-    if hidden_states.dim() != 2 or full is None or mask is None or full.num_tokens == T or not state.usable():
+    full, mask = call.plans.get(layer_idx), call.attention_mask
+    if hidden_states.dim() != 2 or full is None or mask is None or full.num_tokens == T:
         return None
     kept = full.expert_ids.reshape(-1)[mask.reshape(-1).bool()]
     if kept.numel() != T:
@@ -268,14 +289,16 @@ def _kept_tokens_plan(state: RoutingState, layer_idx: int, T: int, hidden_states
 
 class DeferredExpertLayerNorm(nn.Module):
     """Stands in for a model's own post-FFN LayerNorm (DistilBERT's ``output_layer_norm``)
-    and applies the routed experts' LayerNorms with the plan the FFN just used."""
+    and applies the routed experts' LayerNorms with the plan the FFN just used in this call."""
 
     def __init__(self, moe: MoEFeedForward):
         super().__init__()
         object.__setattr__(self, "_moe", moe)  # not a submodule: its parameters live in the FFN
 
     def forward(self, z: Tensor) -> Tensor:
-        plan = self._moe._last_plan
+        moe = self._moe
+        call = current_call(moe)
+        plan = moe._last_plan if call is None else call.last_plans.get(moe.layer_idx)
         if plan is None:
             raise RuntimeError("DeferredExpertLayerNorm ran before its MoEFeedForward")
-        return self._moe.expert_layer_norm(z, plan)
+        return moe.expert_layer_norm(z, plan)

@@ -1,7 +1,7 @@
 """Top-1 routers. Each is an nn.Module whose state (tables, gate weights) is saved with the model.
 
 Hash routers map token ids to experts through a fixed table and are computed once per
-batch for every layer (see ``RoutingState``); gates are computed inside each layer
+call for every layer (see ``routing_state.RoutingState``); gates are computed inside each layer
 from its hidden states.
 """
 from __future__ import annotations
@@ -14,14 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.routing import RoutingPlan, check_expert_ids, plans_from_expert_ids
+from ..ops.routing import check_expert_ids
 
 __all__ = [
     "ROUTERS",
     "BalancedHashRouter",
     "GateOutput",
     "HashRouter",
-    "RoutingState",
     "SentenceGate",
     "TokenGate",
     "switch_load_balancing_loss",
@@ -175,57 +174,3 @@ class SentenceGate(TokenGate):
 
 
 ROUTERS = {cls.kind: cls for cls in (HashRouter, BalancedHashRouter, TokenGate, SentenceGate)}
-
-
-def _in_backward() -> bool:
-    # Activation checkpointing re-runs a layer's forward while autograd executes a node.
-    return torch._C._current_autograd_node() is not None
-
-
-class RoutingState(nn.Module):
-    """Per-batch routing state of one patched model, held by its base model as ``moebert_routing``.
-
-    It has no parameters or buffers, so the model's state dict is unchanged. The base model's
-    pre-forward hook calls :meth:`begin`, which builds the plans of every hash-routed layer in one
-    batched sort; each layer looks its plan up. The post-forward hook calls :meth:`end`: the batch
-    is over, and a layer called afterwards gets an error instead of a stale plan. With grad enabled
-    the plans are kept for a backward that recomputes checkpointed layers, and only then usable;
-    they are the last forward's, so that backward must follow its own forward (a train step does).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.active = False
-        self.attention_mask: Optional[Tensor] = None
-        self.plans: dict[int, RoutingPlan] = {}
-
-    def begin(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor],
-              hash_routers: dict[int, HashRouter]) -> None:
-        self.active, self.attention_mask, self.plans = True, attention_mask, {}
-        if input_ids is None or not hash_routers:
-            return
-        flat = input_ids.reshape(-1)
-        layers = sorted(hash_routers)
-        ids = torch.stack([hash_routers[i](flat) for i in layers])
-        num_experts = hash_routers[layers[0]].num_experts
-        self.plans = dict(zip(layers, plans_from_expert_ids(ids, num_experts, validate=False)))
-
-    def end(self) -> None:
-        self.active = False
-        if not torch.is_grad_enabled():
-            self.attention_mask, self.plans = None, {}
-
-    def usable(self) -> bool:
-        """True inside the model's forward, or inside a backward that recomputes a layer."""
-        return self.active or (bool(self.plans or self.attention_mask is not None) and _in_backward())
-
-    def plan(self, layer_idx: int, num_tokens: int) -> Optional[RoutingPlan]:
-        """The batch's plan of one hash-routed layer; None when the model got no ``input_ids``."""
-        if not self.usable():
-            raise ValueError("no routing plan for this batch: was this layer called outside its model's forward? "
-                             "Call the patched model, or pass input_ids= or plan= to this layer")
-        plan = self.plans.get(layer_idx)
-        if plan is not None and plan.num_tokens != num_tokens:
-            raise ValueError(f"the batch's routing plan covers {plan.num_tokens} tokens but hidden_states has "
-                             f"{num_tokens}; was this layer called outside its model's forward?")
-        return plan

@@ -1,0 +1,184 @@
+"""Routing state belongs to one forward call: one patched model shared by threads, re-entrant calls,
+and activation checkpointing with several forwards before one backward."""
+import copy
+import functools
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import moebert_kernels as mk
+from test_families import V, _config, batch, tiny
+
+ROUTERS = ["hash", "balanced_hash", "token_gate", "sentence_gate"]
+SHAPES = [(3, 9), (2, 9), (3, 7), (2, 12)]  # calls of one shape interleave with calls of another
+
+
+def patched(family, router, **kw):
+    model = tiny(family)
+    if router == "balanced_hash":
+        kw["token_counts"] = torch.randint(0, 50, (V,))
+    return mk.patch(model, num_experts=4, expert_size=24, shared=12, router=router, seed=3, **kw)
+
+
+def no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def labels_for(ids):
+    return torch.arange(ids.shape[0]) % 3
+
+
+def run_in_threads(fn, jobs_per_thread):
+    """Run ``fn(*job)`` for each thread's jobs, all threads released at once; the results
+    (or the exceptions raised) in the jobs' order."""
+    barrier = threading.Barrier(len(jobs_per_thread))
+    results = [[None] * len(jobs) for jobs in jobs_per_thread]
+
+    def work(t):
+        barrier.wait()
+        for i, job in enumerate(jobs_per_thread[t]):
+            try:
+                results[t][i] = fn(*job)
+            except Exception as e:  # noqa: BLE001 - a wrong call is reported below, with its error
+                results[t][i] = e
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs_per_thread))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
+
+
+def call(model, ids, mask):
+    """One call as a training loop makes it (grad on, labels, aux loss) and what it reads afterwards."""
+    out = model(input_ids=ids, attention_mask=mask, labels=labels_for(ids))
+    aux = mk.aux_loss(model)
+    return out.logits.detach(), out.loss.detach(), None if aux is None else aux.detach()
+
+
+def assert_same(got, want, what):
+    assert not isinstance(got, Exception), f"{what} raised {type(got).__name__}: {got}"
+    for g, w, name in zip(got, want, ("logits", "loss", "aux_loss")):
+        if w is None:
+            assert g is None, f"{what}: {name}"
+        else:
+            # The same ops on the same inputs: bit-exact single-threaded; a wrong plan is O(1e-2) off.
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"{what}: {name}")
+
+
+# -- threads -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_threads_sharing_one_model_each_get_the_single_threaded_result(family, router):
+    coef = {"aux_loss_coef": 0.5} if router.endswith("gate") else {}
+    model = patched(family, router, **coef).eval()  # eval: no dropout, so every call is reproducible
+    jobs = [[batch(*SHAPES[(t + i) % len(SHAPES)]) for i in range(30)] for t in range(2)]
+    want = [[call(model, *job) for job in thread_jobs] for thread_jobs in jobs]
+    got = run_in_threads(functools.partial(call, model), jobs)
+    for t in range(2):
+        for i in range(30):
+            assert_same(got[t][i], want[t][i], f"thread {t} call {i}")
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_compiled_model_shared_by_threads(router):
+    torch._dynamo.reset()
+    coef = {"aux_loss_coef": 0.5} if router.endswith("gate") else {}
+    model = patched("bert", router, **coef).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    shapes = SHAPES[:2]
+    jobs = [[batch(*shapes[(t + i) % 2]) for i in range(15)] for t in range(2)]
+    want = [[call(model, *job) for job in thread_jobs] for thread_jobs in jobs]
+    for s in shapes:  # compile each shape before the threads start
+        call(compiled, *batch(*s))
+    got = run_in_threads(lambda ids, mask: call(compiled, ids, mask)[:2], jobs)
+    for t in range(2):
+        for i in range(15):
+            assert_same(got[t][i], want[t][i][:2], f"thread {t} call {i}")
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+@pytest.mark.parametrize("router", ["hash", "sentence_gate"])
+def test_a_call_made_inside_a_call_of_the_same_model_leaves_the_outer_call_its_plans(family, router):
+    model = patched(family, router).eval()
+    a, b = batch(3, 9), batch(2, 7)
+    want_a, want_b = call(model, *a), call(model, *b)
+    inner = []
+
+    def call_again(*_):
+        if not inner:  # once: the inner call runs this hook too
+            inner.append(None)
+            inner[0] = call(model, *b)
+
+    mk.moe_layers(model)[1].register_forward_pre_hook(call_again)
+    assert_same(call(model, *a), want_a, "outer call")
+    assert_same(inner[0], want_b, "inner call")
+
+
+# -- activation checkpointing ------------------------------------------------------------------
+def grads_after(model, batches):
+    model.zero_grad(set_to_none=True)
+    loss = 0
+    for ids, mask in batches:
+        out = model(input_ids=ids, attention_mask=mask, labels=labels_for(ids))
+        loss = loss + out.loss
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family, forwards", [("bert", 1), ("bert", 2), ("bert", 3), ("distilbert", 2),
+                                              ("modernbert", 2)])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointed_gradients_with_several_forwards_per_backward(family, forwards, router, reentrant):
+    # Reentrant checkpointing runs the first forward without grad, so the gates' aux loss has no graph there.
+    coef = 0.5 if router.endswith("gate") and not reentrant else 0.0
+    model = no_dropout(patched(family, router, **({"aux_loss_coef": coef} if coef else {}))).train()
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    batches = [batch(*SHAPES[i]) for i in range(forwards)]
+    want, got = grads_after(model, batches), grads_after(ckpt, batches)
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(m.w1.grad.abs().sum() > 0 for m in mk.moe_layers(ckpt))
+    if router.endswith("gate"):
+        assert all(m.router.proj.weight.grad.abs().sum() > 0 for m in mk.moe_layers(ckpt))
+
+
+@pytest.mark.parametrize("router", ["hash", "token_gate"])
+def test_checkpointing_the_whole_model_with_two_forwards_per_backward(router):
+    from torch.utils.checkpoint import checkpoint
+
+    model = no_dropout(patched("bert", router)).train()
+    twin = copy.deepcopy(model)
+    batches = [batch(3, 9), batch(2, 7)]
+
+    def loss_of(m, ids, mask):
+        return m(input_ids=ids, attention_mask=mask, labels=labels_for(ids)).loss
+
+    sum(loss_of(model, *b) for b in batches).backward()
+    sum(checkpoint(loss_of, twin, *b, use_reentrant=False) for b in batches).backward()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_recompute_that_lost_its_call_says_so():
+    """A layer checkpointed by hand, outside the model's own checkpointing, is recomputed in backward
+    after its call has ended: it must not guess a plan."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = no_dropout(patched("bert", "hash")).train()
+    layer = model.bert.encoder.layer[0]
+    layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    ids, mask = batch()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels_for(ids)).loss
+    with pytest.raises(ValueError, match="recomputed in backward"):
+        loss.backward()
