@@ -73,8 +73,8 @@ def assert_same(got, want, what):
 
 
 # -- threads -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
-@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("family, router", [("bert", r) for r in ROUTERS] + [
+    (f, r) for f in ("distilbert", "modernbert") for r in ("hash", "sentence_gate")])
 def test_threads_sharing_one_model_each_get_the_single_threaded_result(family, router):
     coef = {"aux_loss_coef": 0.5} if router.endswith("gate") else {}
     model = patched(family, router, **coef).eval()  # eval: no dropout, so every call is reproducible
@@ -121,6 +121,16 @@ def test_a_call_made_inside_a_call_of_the_same_model_leaves_the_outer_call_its_p
     assert_same(inner[0], want_b, "inner call")
 
 
+def test_a_call_that_fails_in_its_pre_hook_leaves_no_call_behind():
+    model = patched("bert", "hash").eval()
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(input_ids=torch.full_like(ids, V + 5), attention_mask=mask)
+    with pytest.raises(ValueError, match="outside its model's forward"):
+        mk.moe_layers(model)[0](torch.randn(*ids.shape, 32))
+    assert_same(call(model, ids, mask), call(copy.deepcopy(model), ids, mask), "the next call")
+
+
 # -- activation checkpointing ------------------------------------------------------------------
 def grads_after(model, batches):
     model.zero_grad(set_to_none=True)
@@ -142,8 +152,12 @@ def test_checkpointed_gradients_with_several_forwards_per_backward(family, forwa
     model = no_dropout(patched(family, router, **({"aux_loss_coef": coef} if coef else {}))).train()
     ckpt = copy.deepcopy(model)
     ckpt.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    runs = []
+    for m in mk.moe_layers(ckpt):
+        m.register_forward_pre_hook(lambda *_: runs.append(1))
     batches = [batch(*SHAPES[i]) for i in range(forwards)]
     want, got = grads_after(model, batches), grads_after(ckpt, batches)
+    assert len(runs) == 2 * forwards * len(mk.moe_layers(ckpt))  # every layer ran again in backward
     assert want.keys() == got.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
