@@ -24,7 +24,7 @@ __all__ = ["AUTO_CLASSES", "MOE_CLASSES", "STOCK_CLASS_GUARD", "dense_class", "m
 
 STOCK_CLASS_GUARD = (" [a moebert_kernels MoE student: a stock transformers class would give it random FFNs. "
                      "Load it with `import moebert_kernels` and then AutoModel*.from_pretrained or pipeline(), "
-                     "or with moebert_kernels.from_pretrained]")
+                     "or with moebert_kernels.from_pretrained; those say why if they cannot load it]")
 
 # (transformers Auto class, class-name suffix after the family prefix)
 AUTO_CLASSES = (
