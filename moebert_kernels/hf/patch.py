@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
-from ..ops.moe_ffn import ACTIVATIONS
 from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, RoutingState, SentenceGate, TokenGate
 from ..ops.dispatch import BACKENDS
+from ..ops.moe_ffn import ACTIVATIONS
 
 __all__ = ["FAMILIES", "MoEBertSettings", "SUPPORTED_CLASSES", "SUPPORTED_MODEL_TYPES", "aux_loss",
            "default_expert_sizes", "dense_ffn_linears", "expert_neuron_ids", "family_of", "moe_layers", "patch"]
@@ -151,11 +151,10 @@ class MoEBertSettings:
             return ValueError(f"config.moebert['{name}'] must be {want}, got {getattr(self, name)!r}; "
                               "config.moebert must hold what patch() wrote (edit config.json back)")
 
-        for name in ("num_experts", "expert_size", "shared", "seed"):
+        for name, low in (("num_experts", 1), ("expert_size", 1), ("shared", 0), ("seed", None)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and name in ("num_experts", "expert_size")) \
-                    or (v < 0 and name == "shared"):
-                raise bad(name, "a positive int" if name in ("num_experts", "expert_size") else "an int >= 0")
+            if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+                raise bad(name, "an int" if low is None else f"an int >= {low}")
         if self.router not in ROUTERS:
             raise bad("router", f"one of {list(ROUTERS)}")
         if self.activation not in ACTIVATIONS:
