@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import moe_mismatch_message
 from .patch import MoEBertSettings
 
 __all__ = ["from_pretrained", "load_safetensors_state"]
@@ -46,9 +47,11 @@ def from_pretrained(path: str, model_class: Optional[type] = None, device: Optio
 
     from .auto import MOE_CLASSES, dense_class, patch_from_config
 
+    path = os.path.expanduser(path)
     if not os.path.isdir(path):
-        if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
-            raise FileNotFoundError(f"model folder {path} does not exist")
+        if _looks_local(path):
+            raise FileNotFoundError(f"no such folder: {path} (a local path, so it is not looked up on the hub); "
+                                    "check the spelling, or pass a hub id such as 'org/name'")
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(path, revision=revision)
@@ -57,7 +60,7 @@ def from_pretrained(path: str, model_class: Optional[type] = None, device: Optio
     if not isinstance(settings, dict):
         raise ValueError(f"{path} is not a MoEBERT checkpoint: its config has no 'moebert' entry "
                          "(patch a dense model with moebert_kernels.patch first)")
-    settings = MoEBertSettings(**settings)
+    settings = MoEBertSettings.from_config(settings)
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = dense_class(arch) if arch else None
@@ -67,18 +70,36 @@ def from_pretrained(path: str, model_class: Optional[type] = None, device: Optio
         model_class = dense_class(model_class.__name__)
     model = patch_from_config(model_class(config), backend=backend)
     state = load_safetensors_state(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = _tied_keys(model)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
+    missing = sorted(k for k in shapes if k not in state and k not in tied)
+    unexpected = sorted(k for k in state if k not in shapes)
+    mismatched = sorted((k, tuple(v.shape), shapes[k]) for k, v in state.items() if k in shapes and
+                        tuple(v.shape) != shapes[k])
+    message = moe_mismatch_message(model, f"checkpoint {path}", missing, unexpected, mismatched)
+    if message:
+        raise ValueError(message)
+    if missing or unexpected or mismatched:
         raise ValueError(f"checkpoint {path} does not match {model_class.__name__} patched with {settings}: "
-                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+                         f"missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                         f"mismatched (checkpoint vs model) {mismatched[:8]}")
+    model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def _looks_local(path: str) -> bool:
+    """A path the user meant as a folder, never a hub id: ./x, ../x, /x, ~/x, a\\b, or one whose parent exists."""
+    if path.startswith((".", "~")) or os.path.isabs(path) or path.count("/") > 1:
+        return True
+    if os.sep != "/" and os.sep in path:
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(parent)
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

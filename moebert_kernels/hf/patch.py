@@ -8,7 +8,7 @@ checked before the model is touched, so a bad call leaves the model as it was.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +18,7 @@ from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
 from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, SentenceGate, TokenGate
 from ..modules.routing_state import RoutingState, bind_to_call, last_aux_loss
 from ..ops.dispatch import BACKENDS
+from ..ops.moe_ffn import ACTIVATIONS
 
 __all__ = ["FAMILIES", "MoEBertSettings", "SUPPORTED_CLASSES", "SUPPORTED_MODEL_TYPES", "aux_loss",
            "default_expert_sizes", "dense_ffn_linears", "expert_neuron_ids", "family_of", "moe_layers", "patch"]
@@ -146,6 +147,38 @@ class MoEBertSettings:
     aux_loss_coef: float = 0.0
     tie_shared: bool = False
 
+    def __post_init__(self):
+        def bad(name, want):
+            return ValueError(f"config.moebert['{name}'] must be {want}, got {getattr(self, name)!r}; "
+                              "config.moebert must hold what patch() wrote (edit config.json back)")
+
+        for name, low in (("num_experts", 1), ("expert_size", 1), ("shared", 0), ("seed", None)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+                raise bad(name, "an int" if low is None else f"an int >= {low}")
+        if self.router not in ROUTERS:
+            raise bad("router", f"one of {list(ROUTERS)}")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", f"one of {list(ACTIVATIONS)}")
+        v = self.aux_loss_coef
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise bad("aux_loss_coef", "a finite number >= 0")
+        if not isinstance(self.tie_shared, bool):
+            raise bad("tie_shared", "true or false")
+
+    @classmethod
+    def from_config(cls, entry) -> "MoEBertSettings":
+        """The settings a checkpoint's ``config.moebert`` holds; unknown or malformed fields are errors."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"config.moebert must be a dict of MoEBERT settings, got {type(entry).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(entry) - set(known))
+        if unknown:
+            raise ValueError(f"config.moebert has unknown field(s) {unknown}; this moebert_kernels knows {known}. "
+                             "Remove them from config.json, or install the moebert_kernels version that saved "
+                             "the checkpoint")
+        return cls(**entry)
+
 
 def default_expert_sizes(d_ff: int, expert_size: Optional[int] = None,
                          shared: Optional[int] = None) -> tuple[int, int]:
@@ -221,6 +254,14 @@ def dense_ffn_linears(model: nn.Module) -> tuple[list[tuple[nn.Linear, nn.Linear
     return [family.style.linears(layer) for layer in _get(base, family.layers)], family.style.gated
 
 
+def moe_activation(family: Family, config) -> str:
+    """The ``moe_ffn`` activation of a dense model's FFN, from its config."""
+    hf_act = getattr(config, family.activation, None)
+    if hf_act not in _ACTIVATIONS:
+        raise ValueError(f"activation {hf_act!r} is not supported; supported: {list(_ACTIVATIONS)}")
+    return _GATED[_ACTIVATIONS[hf_act]] if family.style.gated else _ACTIVATIONS[hf_act]
+
+
 def _make_router(kind: str, config, d: int, E: int, seed: int, token_counts: Optional[Tensor]):
     if kind == "hash":
         return HashRouter(config.vocab_size, E, seed=seed)
@@ -281,11 +322,8 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
                              f"got {tuple(torch.as_tensor(token_counts).shape)}")
     elif router == "balanced_hash" and not _from_checkpoint:
         raise ValueError("router='balanced_hash' needs token_counts=[vocab_size] token frequencies")
-    hf_act = getattr(config, family.activation, None)
-    if hf_act not in _ACTIVATIONS:
-        raise ValueError(f"activation {hf_act!r} is not supported; supported: {list(_ACTIVATIONS)}")
+    activation = moe_activation(family, config)
     style = family.style
-    activation = _GATED[_ACTIVATIONS[hf_act]] if style.gated else _ACTIVATIONS[hf_act]
     dense = [style.read(layer) for layer in layers]
     d_ff, d = dense[0].d_ff, dense[0].w2.shape[0]
     expert_size, shared = default_expert_sizes(d_ff, expert_size, shared)
@@ -317,6 +355,9 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
         style.install(layer, moe)
 
     # Each call of the base model is a RoutingState (modules/routing_state.py); the model holds none.
+    # Registered before _begin_batch, so a batch routes with tables that cover the vocabulary.
+    base.register_forward_pre_hook(_follow_vocabulary)
+    base.register_state_dict_pre_hook(_follow_vocabulary)
     base.register_forward_pre_hook(_begin_batch, with_kwargs=True)
     base.register_forward_hook(_end_batch, always_call=True)
     if aux_loss_coef:
@@ -328,6 +369,18 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
 
 
 # Module-level hooks (no closures), so copies, pickles, EMA and quantized models route like the original.
+def _follow_vocabulary(base: nn.Module, *_) -> None:
+    """Resize the hash tables to ``config.vocab_size`` once ``resize_token_embeddings`` changed it.
+
+    transformers offers no hook into the resize, so the tables follow before the next forward and
+    before the state dict is taken (``save_pretrained``): the saved tables always match the saved config.
+    """
+    vocab_size = base.config.vocab_size
+    for m in moe_layers(base):
+        if isinstance(m.router, HashRouter) and m.router.vocab_size != vocab_size:
+            m.router.resize(vocab_size)
+
+
 def _begin_batch(base: nn.Module, args, kwargs) -> None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)

@@ -45,24 +45,61 @@ class HashRouter(nn.Module):
         _check_positive("vocab_size", vocab_size)
         _check_positive("num_experts", num_experts)
         if table is None:
-            gen = torch.Generator().manual_seed(int(seed))
-            table = torch.randint(0, num_experts, (vocab_size,), generator=gen)
+            table = self._draw(0, vocab_size, num_experts, seed)
         else:
             if tuple(table.shape) != (vocab_size,):
                 raise ValueError(f"table must be [vocab_size] = ({vocab_size},), got {tuple(table.shape)}")
-            check_expert_ids(table, num_experts)
-        self.vocab_size, self.num_experts = vocab_size, num_experts
+            if not table.is_meta:  # transformers builds models on the meta device; the checkpoint fills it
+                check_expert_ids(table, num_experts)
+        self.vocab_size, self.num_experts, self.seed = vocab_size, num_experts, int(seed)
         self.register_buffer("table", table.to(torch.int64).clone())
+
+    @staticmethod
+    def _draw(start: int, stop: int, num_experts: int, seed: int) -> Tensor:
+        """Experts of token ids ``[start, stop)``: entry v is the v-th draw of a generator seeded with ``seed``,
+        so a table grown later holds what a table drawn at the larger size would."""
+        gen = torch.Generator().manual_seed(int(seed))
+        return torch.randint(0, num_experts, (stop,), generator=gen)[start:]
+
+    def _new_entries(self, start: int, stop: int) -> Tensor:
+        return self._draw(start, stop, self.num_experts, getattr(self, "seed", 0))  # pickles of older versions
+
+    def resize(self, vocab_size: int) -> None:
+        """Grow or shrink the table to ``vocab_size`` ids (after ``resize_token_embeddings``).
+
+        Kept ids keep their experts; new ids get deterministic ones (``_new_entries``).
+        """
+        _check_positive("vocab_size", vocab_size)
+        old = self.table
+        if vocab_size <= old.numel():
+            table = old[:vocab_size].clone()
+        else:
+            table = torch.cat([old, self._new_entries(old.numel(), vocab_size).to(old.device)])
+        self.table, self.vocab_size = table, vocab_size
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Expert id of every token, same shape as ``input_ids``."""
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must be int32/int64, got {input_ids.dtype}")
-        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.vocab_size})")
+        if input_ids.numel():
+            self._check_ids(input_ids)
         return self.table[input_ids]
+
+    def _check_ids(self, input_ids: Tensor) -> None:
+        fix = ("if the tokenizer has more tokens than the model, call model.resize_token_embeddings(len(tokenizer)) "
+               "(it grows the hash tables too)")
+        if torch.compiler.is_compiling():
+            # No host read while compiling: a graph-safe assert (compiled code would index past the table).
+            if not torch.compiler.is_exporting():
+                torch._assert_async(((input_ids >= 0) & (input_ids < self.vocab_size)).all(),
+                                    f"a token id is outside the vocabulary [0, {self.vocab_size}); {fix}")
+            return
+        if input_ids.device.type != "cpu":  # a host read would sync; the embedding lookup asserts on device
+            return
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.vocab_size}); "
+                             + fix)
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, num_experts={self.num_experts}"
@@ -73,6 +110,9 @@ class BalancedHashRouter(HashRouter):
     each to the currently least-loaded expert. Unseen tokens are dealt round-robin."""
 
     kind = "balanced_hash"
+
+    def _new_entries(self, start: int, stop: int) -> Tensor:
+        return torch.arange(start, stop) % self.num_experts  # round-robin, as unseen tokens
 
     @classmethod
     def from_token_counts(cls, token_counts: Tensor, num_experts: int, seed: int = 0) -> "BalancedHashRouter":
@@ -99,7 +139,7 @@ class BalancedHashRouter(HashRouter):
             load, e = heapq.heappop(heap)
             table[tok] = e
             heapq.heappush(heap, (load + c, e))
-        return cls(counts.numel(), num_experts, table=torch.tensor(table, dtype=torch.int64))
+        return cls(counts.numel(), num_experts, seed=seed, table=torch.tensor(table, dtype=torch.int64))
 
 
 @dataclass
