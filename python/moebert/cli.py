@@ -8,26 +8,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import sys
 
 from . import __version__
-
-ROUTERS = ("hash", "balanced_hash", "token_gate", "sentence_gate")  # moebert_kernels' routers, paper default first
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-class DeviceChoices(tuple):
-    """``auto``, ``cpu``, ``cuda`` and ``cuda:N`` (argparse checks membership with ``in``)."""
-
-    def __new__(cls):
-        return super().__new__(cls, ("auto", "cpu", "cuda", "cuda:N"))
-
-    def __contains__(self, device) -> bool:
-        return device in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", str(device)))
-
-
-DEVICES = DeviceChoices()
+from .options import DEVICES, PRECISIONS, ROUTERS  # noqa: F401  (re-exported: moebert.cli.ROUTERS)
+from .options import device_arg as _device_arg
+from .options import overwrite_arg as _overwrite_arg
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,11 +27,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default is False:
             return f"{help} (default: off)".strip()
         return f"{help} (default: %(default)s)".strip()
-
-
-def _device_arg(p, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, choices=DEVICES, metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run; auto picks cuda when there is one")
 
 
 def _data_args(p: argparse.ArgumentParser, split: str = "train", labels: bool = True) -> None:

@@ -11,7 +11,12 @@ import torch
 from .tasks import TaskSpec
 
 __all__ = ["resolve_device", "resolve_precision", "load_config", "is_moebert_checkpoint", "load_teacher",
-           "load_student", "load_any", "load_tokenizer", "training_arguments", "parameter_counts", "describe"]
+           "load_student", "load_any", "load_tokenizer", "training_arguments", "parameter_counts", "describe",
+           "PRUNED_KEY"]
+
+# config key recording what ``moebert convert --baseline pruned`` kept (how `moebert evaluate` tells a
+# baseline from a teacher); here, not in convert, so that loading never imports the converter
+PRUNED_KEY = "moebert_pruned"
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -59,8 +64,6 @@ def is_moebert_checkpoint(path: str) -> bool:
 
 def is_pruned_checkpoint(path: str) -> bool:
     """A dense baseline from ``moebert convert --baseline pruned``."""
-    from .convert import PRUNED_KEY
-
     with open(os.path.join(path, "config.json")) as f:
         return isinstance(json.load(f).get(PRUNED_KEY), dict)
 
@@ -215,8 +218,6 @@ def parameter_counts(model) -> tuple[int, int]:
 
 def describe(model) -> str:
     """What a loaded model is: dense (a teacher), pruned dense baseline, or MoE student."""
-    from .convert import PRUNED_KEY
-
     config = model.config
     moe, pruned = getattr(config, "moebert", None), getattr(config, PRUNED_KEY, None)
     if isinstance(moe, dict):

@@ -8,10 +8,10 @@ loads with stock ``AutoModelFor*.from_pretrained`` and distils with ``moebert di
 """
 from __future__ import annotations
 
+from .common import PRUNED_KEY
+
 __all__ = ["convert", "prune", "PRUNED_KEY", "run"]
 
-# config key recording what ``prune`` kept (how `moebert evaluate` tells a baseline from a teacher)
-PRUNED_KEY = "moebert_pruned"
 # config field holding the FFN width, per model family
 _FFN_WIDTH = {"distilbert": "hidden_dim"}  # every other supported family: intermediate_size
 

