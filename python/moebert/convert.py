@@ -64,9 +64,10 @@ def prune(model, importance=None, width: int = 768):
 def _token_counts(tokenizer, task, rows, vocab_size):
     import torch
 
-    from .data import encode
+    from .data import Rows, encode
 
     counts = torch.zeros(vocab_size, dtype=torch.int64)
+    rows = Rows(rows.texts, None, rows.source, rows.locs)  # token counts need the texts only, never labels
     for f in encode(tokenizer, task, rows, 512):
         counts += torch.bincount(torch.tensor(f["input_ids"]), minlength=vocab_size)[:vocab_size]
     return counts
@@ -77,9 +78,12 @@ def run(args) -> int:
 
     from .common import load_config, load_teacher, load_tokenizer
     from .importance import ffn_linears, load_importance
+    from .outputs import check_output, replaced_folder
     from .tasks import get_task
 
     task = get_task(args.task)
+    check_output(args.output, {"--model": args.model, "--importance": args.importance, "--data": args.data},
+                 getattr(args, "overwrite", False))
     config = load_config(args.model)
     model = load_teacher(args.model, task, num_labels=None if task.qa else config.num_labels,
                          id2label=getattr(config, "id2label", None))
@@ -102,8 +106,9 @@ def run(args) -> int:
         raise ValueError("convert needs --importance FILE (from `moebert importance`); pass --no-importance "
                          "to keep the dense neuron order instead")
     if baseline == "pruned":
-        prune(model, importance, expert_size).save_pretrained(args.output)
-        load_tokenizer(args.model).save_pretrained(args.output)
+        with replaced_folder(args.output) as tmp:
+            prune(model, importance, expert_size).save_pretrained(tmp)
+            load_tokenizer(args.model).save_pretrained(tmp)
         print(f"pruned dense baseline (FFN {expert_size} of {d_ff} neurons, "
               f"{'importance-ranked' if importance is not None else 'dense order'}) saved to {args.output}")
         return 0
@@ -118,8 +123,9 @@ def run(args) -> int:
     # Tied by default: within 0.4 points of the copied layout in every cell of the quality study (README).
     tie = getattr(args, "tie_shared", None) is not False
     convert(model, importance, num_experts, expert_size, shared, args.router, args.seed, token_counts, tie)
-    model.save_pretrained(args.output)
-    load_tokenizer(args.model).save_pretrained(args.output)
+    with replaced_folder(args.output) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(args.model).save_pretrained(tmp)
     layout = "stored once as a shared FFN" if tie else "copied into every expert"
     print(f"MoEBERT student ({num_experts} experts x {expert_size} neurons, {shared} shared ({layout}), "
           f"{args.router} routing) saved to {args.output}")

@@ -30,4 +30,5 @@ def device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
 
 def overwrite_arg(p: argparse.ArgumentParser, what: str = "--output") -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help=f"write into a {what} that already holds files (default: refuse)")
+                   help=f"write over what {what} already holds (without it, an existing file or non-empty folder "
+                        "is refused)")
