@@ -64,10 +64,9 @@ def prune(model, importance=None, width: int = 768):
 def _token_counts(tokenizer, task, rows, vocab_size):
     import torch
 
-    from .data import Rows, encode
+    from .data import encode
 
     counts = torch.zeros(vocab_size, dtype=torch.int64)
-    rows = Rows(rows.texts, None, rows.source, rows.locs)  # token counts need the texts only, never labels
     for f in encode(tokenizer, task, rows, 512):
         counts += torch.bincount(torch.tensor(f["input_ids"]), minlength=vocab_size)[:vocab_size]
     return counts
@@ -118,7 +117,7 @@ def run(args) -> int:
 
         tokenizer = load_tokenizer(args.model)
         rows = load_rows(task, "train", args.data, args.text_column, args.label_column, args.split_column,
-                         args.max_rows, require_labels=False)
+                         args.max_rows, require_labels=False)  # token counts need the texts only, not labels
         token_counts = _token_counts(tokenizer, task, rows, model.config.vocab_size)
     # Tied by default: within 0.4 points of the copied layout in every cell of the quality study (README).
     tie = getattr(args, "tie_shared", None) is not False
