@@ -20,9 +20,9 @@ _TARGETS = ("labels", "start_positions", "end_positions")
 
 
 def _make_trainer_class():
-    from transformers import Trainer
+    from .common import trainer_class
 
-    class DistillTrainer(Trainer):
+    class DistillTrainer(trainer_class()):
         """A Trainer whose loss is ``DistillationLoss`` against a frozen teacher."""
 
         def __init__(self, *args, teacher=None, loss_fn=None, aux_weight: float = 0.01, **kwargs):

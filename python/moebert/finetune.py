@@ -52,7 +52,7 @@ def _check_head_size(path, task, num_labels: int, l2i) -> None:
 
 
 def run(args) -> int:
-    from transformers import Trainer
+    from .common import trainer_class
 
     task = get_task(args.task)
     check_output(args.output, {"--model": args.model, "--data": args.data}, getattr(args, "overwrite", False),
@@ -71,7 +71,7 @@ def run(args) -> int:
                                max_steps=args.max_steps, weight_decay=args.weight_decay,
                                warmup_ratio=args.warmup_ratio, save_steps=args.save_steps,
                                logging_steps=args.logging_steps)
-    trainer = Trainer(model=model, args=targs, data_collator=Collator(tokenizer), train_dataset=feats)
+    trainer = trainer_class()(model=model, args=targs, data_collator=Collator(tokenizer), train_dataset=feats)
     return train_and_save(trainer, tokenizer, args, f"teacher ({task.name}, {len(rows)} rows from {rows.source})")
 
 
