@@ -8,26 +8,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import sys
 
 from . import __version__
-
-ROUTERS = ("hash", "balanced_hash", "token_gate", "sentence_gate")  # moebert_kernels' routers, paper default first
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-class DeviceChoices(tuple):
-    """``auto``, ``cpu``, ``cuda`` and ``cuda:N`` (argparse checks membership with ``in``)."""
-
-    def __new__(cls):
-        return super().__new__(cls, ("auto", "cpu", "cuda", "cuda:N"))
-
-    def __contains__(self, device) -> bool:
-        return device in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", str(device)))
-
-
-DEVICES = DeviceChoices()
+from .options import DEVICES, PRECISIONS, ROUTERS  # noqa: F401  (re-exported: moebert.cli.ROUTERS)
+from .options import device_arg as _device_arg
+from .options import overwrite_arg as _overwrite_arg
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,11 +27,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default is False:
             return f"{help} (default: off)".strip()
         return f"{help} (default: %(default)s)".strip()
-
-
-def _device_arg(p, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, choices=DEVICES, metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run; auto picks cuda when there is one")
 
 
 def _data_args(p: argparse.ArgumentParser, split: str = "train", labels: bool = True) -> None:
@@ -101,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a dense teacher on a task")
     p.add_argument("--model", required=True, help="pretrained encoder folder of a supported family (or hub id)")
     p.add_argument("--output", required=True)
+    _overwrite_arg(p)
     _data_args(p)
     _train_args(p)
     p.set_defaults(func=lambda a: __import__("moebert.finetune", fromlist=["run"]).run(a))
@@ -108,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("importance", help="neuron importance of the teacher's FFNs (train split by default)")
     p.add_argument("--model", required=True, help="fine-tuned dense teacher")
     p.add_argument("--output", required=True, help="safetensors file to write")
+    _overwrite_arg(p)
     p.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     _device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -118,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="fine-tuned dense teacher")
     p.add_argument("--task", required=True)
     p.add_argument("--output", required=True)
+    _overwrite_arg(p)
     p.add_argument("--importance", help="file from `moebert importance` (default: none; then pass --no-importance)")
     p.add_argument("--no-importance", action="store_true", help="keep the dense neuron order (no importance)")
     p.add_argument("--num-experts", type=int, help="experts per layer (default: 4)")
@@ -145,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True, help="converted MoEBERT checkpoint")
     p.add_argument("--output", required=True)
+    _overwrite_arg(p)
     _data_args(p)
     _train_args(p)
     g = p.add_argument_group("distillation loss")
@@ -162,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="examples per batch")
     _device_arg(p)
     p.add_argument("--output", help="also write the metrics as JSON here (default: print only)")
+    _overwrite_arg(p)
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     _data_args(p, split="dev")
     p.set_defaults(func=lambda a: __import__("moebert.evaluate", fromlist=["run_evaluate"]).run_evaluate(a))
@@ -180,11 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="examples per batch")
     _device_arg(p)
     p.add_argument("--output", help="JSON lines file (default: stdout)")
+    _overwrite_arg(p)
     p.set_defaults(func=lambda a: __import__("moebert.evaluate", fromlist=["run_predict"]).run_predict(a))
 
     p = sub.add_parser("export", help="export a MoEBERT student to ONNX (OUT/model.onnx + tokenizer, config)")
     p.add_argument("--model", required=True, help="MoEBERT student folder")
     p.add_argument("--output", required=True, help="folder to write")
+    _overwrite_arg(p)
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime parity check of the file (default: check)")
     p.set_defaults(func=lambda a: __import__("moebert.export", fromlist=["run"]).run(a))

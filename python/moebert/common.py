@@ -1,6 +1,7 @@
 """Shared helpers: loading teachers and students, devices, precision, Trainer arguments."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -11,7 +12,12 @@ import torch
 from .tasks import TaskSpec
 
 __all__ = ["resolve_device", "resolve_precision", "load_config", "is_moebert_checkpoint", "load_teacher",
-           "load_student", "load_any", "load_tokenizer", "training_arguments", "parameter_counts", "describe"]
+           "load_student", "load_any", "load_tokenizer", "training_arguments", "trainer_class", "parameter_counts",
+           "describe", "PRUNED_KEY"]
+
+# config key recording what ``moebert convert --baseline pruned`` kept (how `moebert evaluate` tells a
+# baseline from a teacher); here, not in convert, so that loading never imports the converter
+PRUNED_KEY = "moebert_pruned"
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -59,8 +65,6 @@ def is_moebert_checkpoint(path: str) -> bool:
 
 def is_pruned_checkpoint(path: str) -> bool:
     """A dense baseline from ``moebert convert --baseline pruned``."""
-    from .convert import PRUNED_KEY
-
     with open(os.path.join(path, "config.json")) as f:
         return isinstance(json.load(f).get(PRUNED_KEY), dict)
 
@@ -200,6 +204,40 @@ def training_arguments(output_dir: str, *, learning_rate: float, batch_size: int
     return TrainingArguments(**kw)
 
 
+@functools.lru_cache(maxsize=None)
+def trainer_class():
+    """transformers' ``Trainer`` whose group-by-length batch order is drawn from (seed, epoch) alone.
+
+    The stock ``LengthGroupedSampler`` draws each epoch's order from the global RNG, whose state at the
+    epoch's start no checkpoint keeps, so a run resumed mid-epoch saw other batches than the uninterrupted
+    run (its weights ended up to 9e-4 apart on a tiny model). Seeded per epoch, the resumed run skips to the
+    same batches, the Trainer restores the dropout RNG, and both runs end bit-identical (tests)."""
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochSeededLengthSampler(LengthGroupedSampler):
+        def __init__(self, batch_size: int, lengths: list, seed: int):
+            super().__init__(batch_size, lengths=lengths)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls it before every epoch
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+    class ResumableTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochSeededLengthSampler(sampler.batch_size, sampler.lengths, seed)
+            return sampler
+
+    return ResumableTrainer
+
+
 def parameter_counts(model) -> tuple[int, int]:
     """(total, active per token): a token runs one expert of each MoE layer, and its shared FFN if tied."""
     import moebert_kernels as mk
@@ -215,8 +253,6 @@ def parameter_counts(model) -> tuple[int, int]:
 
 def describe(model) -> str:
     """What a loaded model is: dense (a teacher), pruned dense baseline, or MoE student."""
-    from .convert import PRUNED_KEY
-
     config = model.config
     moe, pruned = getattr(config, "moebert", None), getattr(config, PRUNED_KEY, None)
     if isinstance(moe, dict):

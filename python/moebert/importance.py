@@ -125,9 +125,11 @@ def importance_scores(model: nn.Module, batches: Iterable[dict], progress: bool 
 def save_importance(path: str, scores: Tensor, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({"importance": scores.float().cpu().contiguous()}, path,
-              metadata={k: str(v) for k, v in metadata.items()})
+    from .outputs import replaced_file
+
+    with replaced_file(path) as tmp:
+        save_file({"importance": scores.float().cpu().contiguous()}, tmp,
+                  metadata={k: str(v) for k, v in metadata.items()})
 
 
 def load_importance(path: str, num_layers: Optional[int] = None, d_ff: Optional[int] = None) -> Tensor:
@@ -157,9 +159,12 @@ def run(args) -> int:
     from .data import Collator, encode, label_maps, rows_from_args
     from .tasks import get_task
 
-    task = get_task(args.task)
-    device = resolve_device(args.device)
     from .common import load_config
+    from .outputs import check_output
+
+    task = get_task(args.task)
+    check_output(args.output, {"--model": args.model, "--data": args.data}, getattr(args, "overwrite", False))
+    device = resolve_device(args.device)
 
     config = load_config(args.model)
     if not task.qa:

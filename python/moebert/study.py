@@ -78,8 +78,11 @@ _LARGE = ("pruned-d4", "moe-d4")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import overwrite_arg
+
     p.add_argument("--output", default="moebert-study", help="results, table and plot go here (default: %(default)s)")
     p.add_argument("--model", help="BERT-family folder (default: the demo's all-MiniLM-L6-v2)")
+    overwrite_arg(p)
     p.add_argument("--tasks", default="movie_reviews,snli", help="comma-separated shipped tasks (default: %(default)s)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--students", help="comma-separated student keys to run (default: all: pruned-d4, moe-d4, "
@@ -208,6 +211,7 @@ def run(args) -> int:
     from .data import encode, label_maps, load_rows
     from .demo import _ns, convert_args, demo_model_path, distill_args
     from .evaluate import compare
+    from .outputs import check_output
     from .tasks import get_task
 
     hf_logging.set_verbosity_error()
@@ -223,6 +227,9 @@ def run(args) -> int:
     for name, t in tasks.items():
         if t.local_file is None:
             raise ValueError(f"the study runs on shipped tasks (movie_reviews, snli); {name!r} has no shipped file")
+    # A folder that holds this study's results.json resumes it; any other non-empty folder needs --overwrite.
+    check_output(args.output, {"--model": model_path}, getattr(args, "overwrite", False),
+                 existing_ok=os.path.isfile(os.path.join(args.output, "results.json")))
     os.makedirs(args.output, exist_ok=True)
     settings.update(model=os.path.abspath(model_path), d_ff=d_ff, tied=tied)
     results = _Results(os.path.join(args.output, "results.json"), settings)
