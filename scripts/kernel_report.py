@@ -316,10 +316,16 @@ def _specialise(fn, launch: Launch, arch: int):
     args = {}
     for n, (kind, v) in launch.args.items():
         args[n] = FakePtr(v) if kind == "tensor" else tuple(FakePtr(t) for t in v) if kind == "tensors" else v
+    from triton import knobs
+    kwargs = dict(launch.options)  # what JITFunction.run adds before it parses the options (3.6 and 3.9)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     backend = CUDABackend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(**args, **launch.options)
-    return fn._pack_args(backend, dict(launch.options), bound, specialization, options)
+    bound, specialization, options = binder(**args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, specialization, options)
 
 
 def _config_and_variant(launch: Launch) -> tuple[str, str]:
@@ -371,6 +377,43 @@ def _launch_key(launch: Launch) -> str:
     options, signature, constexprs, attrs = _specialise(fn, launch, 90)
     return json.dumps([launch.module, launch.name, signature, sorted(constexprs.items()), sorted(attrs.items()),
                        options.num_warps, options.num_stages], default=str)
+
+
+def _compile_only(job) -> str:
+    """Compile one launch for one arch, nothing else (the warm-up: it fills Triton's on-disk cache)."""
+    launch, arch_name = job
+    import importlib
+    import triton
+    from triton.backends.compiler import GPUTarget
+    fn = getattr(importlib.import_module(launch.module), launch.name)
+    fn = fn.fn if isinstance(fn, _Recorder) else fn
+    options, signature, constexprs, attrs = _specialise(fn, launch, ARCHS[arch_name])
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    triton.compile(src, target=GPUTarget("cuda", ARCHS[arch_name], 32), options=options.__dict__)
+    return launch.name
+
+
+def warm_up(dtypes, arch_name, jobs) -> int:
+    """Compile every launch for this machine's GPU in a pool of processes, so the JIT of later processes finds
+    each kernel in Triton's cache instead of compiling it serially. Returns the number of kernels."""
+    unique = {}
+    for ln in record_launches(dtypes):
+        unique.setdefault(_launch_key(ln), ln)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        done = list(pool.map(_compile_only, [(ln, arch_name) for ln in unique.values()]))
+    return len(done)
+
+
+def native_arch() -> str:
+    """This machine's GPU as a report arch (sm_90 -> sm_90a, as Triton compiles it)."""
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_report --warmup: no GPU here (it compiles for this machine's GPU)")
+    major, minor = torch.cuda.get_device_capability()
+    name = f"sm_{major}{minor}" + ("a" if major == 9 else "")
+    if name not in ARCHS:
+        raise SystemExit(f"kernel_report --warmup: {name} is not one of {list(ARCHS)}")
+    return name
 
 
 def triton_rows(dtypes, archs, jobs) -> list[dict]:
@@ -496,6 +539,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
     ap.add_argument("--check", action="store_true", help="exit 1 if violations() finds anything")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    ap.add_argument("--warmup", action="store_true",
+                    help="only compile every launch for this machine's GPU (fills Triton's cache; no report)")
     args = ap.parse_args(argv)
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_report: run it in a process without TRITON_INTERPRET=1 (its kernels cannot compile)")
@@ -505,6 +550,13 @@ def main(argv=None) -> int:
     bad = [a for a in archs if a not in ARCHS] + [d for d in args.dtypes.split(",") if d not in DTYPES]
     if bad:
         ap.error(f"unknown arch/dtype {bad}: archs are {list(ARCHS)}, dtypes {list(DTYPES)}")
+    if args.warmup:
+        import time
+        t0, arch = time.time(), native_arch()
+        n = warm_up(args.dtypes.split(","), arch, max(1, args.jobs))
+        print(f"kernel_report --warmup: compiled {n} Triton kernels for {arch} in {time.time() - t0:.0f} s "
+              f"with {args.jobs} processes")
+        return 0
     rows = []
     if not args.no_triton:
         rows += triton_rows(args.dtypes.split(","), archs, max(1, args.jobs))
