@@ -199,3 +199,7 @@ def test_cuda_so_with_a_spilling_gemm_is_rejected(tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 1 and "VIOLATION cuda|spilling_gemm|sm_90a" in res.stdout, res.stdout + res.stderr
     assert len(json.loads((tmp_path / "r.json").read_text())) == 4
+    for rules, rc in (("spill", 1), ("smem,fit", 0)):  # what scripts/ci_cuda_build.sh enforces: --check spill
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--no-triton", "--cuda-so",
+                              str(so), "--check", rules], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == rc, (rules, res.stdout[-2000:], res.stderr[-2000:])
