@@ -196,30 +196,37 @@ def _patch_kernels(sink, context):
                 saved.append((mod, attr, val))
                 setattr(mod, attr, _Recorder(fn, sink, context))
 
+    if not saved:
+        raise RuntimeError("kernel_report: no Triton JIT kernels to record (TRITON_INTERPRET=1 makes interpreter "
+                           "objects of them): run it in a process without TRITON_INTERPRET")
+
     def undo():
         for mod, attr, val in saved:
             setattr(mod, attr, val)
     return undo
 
 
-def tuned_configs() -> list[tuple[str, dict, int | None]]:
+def tuned_configs(folder: Path | None = None) -> list[tuple[str, dict, int | None]]:
     """``[(kind, config fields, token bucket or None)]`` from the tuned-config files, if any exist.
 
     Read through the module's loader when it has one (``load_tuned_configs``/``tuned_configs``), else from
     ``moebert_kernels/triton/configs/*.json`` directly: any object holding block sizes is a config, its kind is
-    the nearest enclosing key that names one (``dw*`` -> "dw", else "gemm"), its bucket the nearest numeric key.
+    the nearest enclosing key that names one (``dw*`` -> "dw"; gemm, up, down, bwd*, dx, dh -> "gemm"; none: "gemm"),
+    its bucket the nearest numeric key.
     """
     from moebert_kernels.triton import moe_ffn as tm
     data = []
-    loader = next((getattr(tm, n) for n in ("load_tuned_configs", "tuned_configs", "_load_tuned_configs")
-                   if callable(getattr(tm, n, None))), None)
+    loader = None if folder is not None else next(
+        (getattr(tm, n) for n in ("load_tuned_configs", "tuned_configs", "_load_tuned_configs")
+         if callable(getattr(tm, n, None))), None)
     if loader is not None:
         try:
             data.append(loader())
         except TypeError:
             loader = None  # wants arguments we cannot guess: read the files instead
     if loader is None:
-        for f in sorted(glob.glob(str(ROOT / "moebert_kernels" / "triton" / "configs" / "*.json"))):
+        folder = folder if folder is not None else ROOT / "moebert_kernels" / "triton" / "configs"
+        for f in sorted(glob.glob(str(Path(folder) / "*.json"))):
             data.append(json.loads(Path(f).read_text()))
     found = []
 
@@ -230,7 +237,7 @@ def tuned_configs() -> list[tuple[str, dict, int | None]]:
             low = {str(k).lower(): v for k, v in node.items()}
             if all(k in low for k in ("block_m", "block_n", "block_k")):
                 kind = next(("dw" if p.lower().startswith("dw") else "gemm" for p in reversed(path)
-                             if not p.isdigit() and p.lower() not in ("configs",)), "gemm")
+                             if p.lower().startswith(("dw", "gemm", "up", "down", "bwd", "dx", "dh"))), "gemm")
                 bucket = next((int(p) for p in reversed(path) if p.isdigit()), None)
                 found.append((kind, low, bucket))
                 return
@@ -244,8 +251,9 @@ def tuned_configs() -> list[tuple[str, dict, int | None]]:
     return found
 
 
-def record_launches(dtypes, buckets=BUCKETS, shapes=SHAPES) -> list[Launch]:
-    """Every launch the Triton launchers make over ``dtypes`` x ``buckets`` x ``shapes`` (plus tuned configs)."""
+def record_launches(dtypes, buckets=BUCKETS, shapes=SHAPES, config_dir=None) -> list[Launch]:
+    """Every launch the Triton launchers make over ``dtypes`` x ``buckets`` x ``shapes`` (plus tuned configs,
+    from ``config_dir`` if given)."""
     import torch
     from moebert_kernels.triton import distill_loss as dl, expert_layer_norm as eln, moe_ffn as tm
 
@@ -275,7 +283,7 @@ def record_launches(dtypes, buckets=BUCKETS, shapes=SHAPES) -> list[Launch]:
                     moe(T, d, h, E, dt)
             for T in buckets:  # gated experts (ModernBERT's GeGLU, no biases) at the benchmark's size
                 moe(T, 768, 768, 4, dt, gated=True, bias=False)
-            for kind, fields, bucket in tuned_configs():
+            for kind, fields, bucket in tuned_configs(config_dir):
                 names = {f.name for f in dataclasses.fields(tm.MoEFFNConfig)}
                 cfg = tm.MoEFFNConfig(**{k: v for k, v in fields.items() if k in names})
                 with tm.override_config(**{kind: cfg}):

@@ -147,7 +147,8 @@ def test_budget_limits_and_verdicts(tmp_path):
 def test_squeezed_stage_still_gets_its_floor(tmp_path):
     """Short of time (a 300 s budget), the verdicts keep their floor; the later stages make do with less."""
     costs = {"build": 60, "bench-moe_ffn": 150}
-    res, out = run(tmp_path, GPU_CHECK_BUDGET_S="300", GPU_CHECK_DRY_RUN_COST=" ".join(f"{k}={v}" for k, v in costs.items()))
+    res, out = run(tmp_path, GPU_CHECK_BUDGET_S="300",
+                   GPU_CHECK_DRY_RUN_COST=" ".join(f"{k}={v}" for k, v in costs.items()))
     budget, reserve, stages = plan(res.stdout)
     later = sum(f for n, _, f in stages[ORDER.index("verdicts") + 1:])
     assert budget - reserve - 62 - later < 60  # after env, build and warm-up, less than the verdicts' floor is free

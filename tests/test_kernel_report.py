@@ -203,3 +203,26 @@ def test_cuda_so_with_a_spilling_gemm_is_rejected(tmp_path):
         res = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--no-triton", "--cuda-so",
                               str(so), "--check", rules], env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == rc, (rules, res.stdout[-2000:], res.stderr[-2000:])
+
+
+def test_tuned_configs_are_read_from_json_and_launched(tmp_path):
+    """Configs as data (moebert_kernels/triton/configs/*.json): each tuned tile reaches the launchers, so the report
+    compiles it. Any nesting works: a config is an object with block sizes, its kind the key above it."""
+    tile = {"block_m": 128, "block_n": 256, "block_k": 32, "num_warps": 8, "num_stages": 3}
+    dw_tile = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    (tmp_path / "NVIDIA_H200.json").write_text(json.dumps(
+        {"device": "NVIDIA H200", "gemm": {"bfloat16": {"4096": tile}}, "dw": {"bfloat16": {"4096": dw_tile}}}))
+    found = kr.tuned_configs(tmp_path)
+    assert sorted((k, b) for k, _, b in found) == [("dw", 4096), ("gemm", 4096)]
+    # Recording needs real JIT kernels: a process without TRITON_INTERPRET (conftest sets it on CPU).
+    script = ("import sys, json; sys.path.insert(0, 'scripts'); import kernel_report as kr\n"
+              f"ls = kr.record_launches(['bf16'], buckets=[16], shapes=[(768, 768, 4)], config_dir={str(tmp_path)!r})\n"
+              "print(json.dumps(sorted({(ln.name, kr._config_and_variant(ln)[0]) for ln in ls})))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    configs = {tuple(c) for c in json.loads(res.stdout.splitlines()[-1])}
+    assert ("_moe_ffn_up_kernel", "M128 N256 K32 w8 s3") in configs
+    assert ("_moe_ffn_dw_kernel", "M64 N128 K32 w4 s2") in configs
+    assert ("_moe_ffn_up_kernel", "M16 N64 K128 w4 s4") in configs  # the heuristic's own tile for T=16
+    assert kr.tuned_configs(tmp_path / "none") == []
