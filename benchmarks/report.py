@@ -27,7 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-IMPL_ORDER = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
+# dense: BERT's d -> 3072 -> d FFN; dense_equal: a dense FFN of the routed layer's FLOPs (h = 768), cuBLAS's rate.
+IMPL_ORDER = ["dense", "dense_equal", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
 KERNEL_IMPLS = ("triton", "cuda")
 
 
@@ -162,7 +163,9 @@ def _cublas_table(rows: list[Row]) -> list[str]:
 
 
 def _impl_rank(impl: str) -> int:
-    return IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER)
+    """Table order: IMPL_ORDER, each eager row before its CUDA-graph row (``<impl>+graph``)."""
+    base, graph = impl.removesuffix("+graph"), impl.endswith("+graph")
+    return 2 * (IMPL_ORDER.index(base) if base in IMPL_ORDER else len(IMPL_ORDER)) + graph
 
 
 def _find(rows, kind, impl, stat, **match) -> Optional[Row]:

@@ -17,7 +17,11 @@ batch for all 12 layers); the loop baseline sorts inside, as MoEBERT does in eve
 Routing is uniform random (what a hash router gives). d = h = 768.
 
 CPU (fp32, 2 threads): T in {128, 1024}, E = 4 by default; ``MOEBERT_BENCH_FULL=1`` for all.
-GPU (bf16): T in {128, 1k, 4k, 16k, 64k}, E in {4, 8} (``MOEBERT_BENCH_EXPERTS=4``: E = 4 only).
+GPU (bf16, what the first GPU run must decide, in this order): forward + backward, then forward, at
+T in {1k, 4k, 16k}, E = 4, for ``dense_equal`` (cuBLAS: a dense d -> h -> d FFN with h = 768, the same FLOPs as
+the routed layer), ``grouped_mm``, ``loop``, ``triton`` and ``cuda``, each eager and captured in a CUDA graph
+(``<impl>+graph``; the loop syncs with the host, so it has no graph row). ``MOEBERT_BENCH_FULL=1`` on a GPU adds
+the other implementations, T = 128 and 64k, and E = 8.
 Every row's ``frac_gemm_pair`` is its rate over cuBLAS dense GEMMs of equal FLOPs (forward: the GEMM pair;
 forward + backward: the pair and its four backward GEMMs); report.py tabulates it for cuda and triton.
 """
@@ -37,14 +41,23 @@ DEVICE = bench_device()
 DTYPE = bench_dtype(DEVICE)
 D, H, D_FF = 768, 768, 3072
 
-if DEVICE.type == "cuda" or full_matrix():
+GPU_FIRST = DEVICE.type == "cuda" and not full_matrix()
+if GPU_FIRST:
+    TOKENS, EXPERTS = [1024, 4096, 16384], [4]
+    IMPLS = ["dense_equal", "grouped_mm", "loop", "triton", "cuda"]
+elif DEVICE.type == "cuda" or full_matrix():
     TOKENS, EXPERTS = [128, 1024, 4096, 16384, 65536], [4, 8]
+    IMPLS = ["dense", "dense_equal", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
 else:
     TOKENS, EXPERTS = [128, 1024], [4]
-if os.environ.get("MOEBERT_BENCH_EXPERTS"):  # e.g. "4": the BERT-base rows only (scripts/gpu_check.sh)
+    IMPLS = ["dense", "dense_equal", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
+if os.environ.get("MOEBERT_BENCH_EXPERTS"):  # e.g. "4": the BERT-base rows only
     EXPERTS = [int(e) for e in os.environ["MOEBERT_BENCH_EXPERTS"].split(",")]
-MODES = ["fwd", "fwd+bwd"]
-IMPLS = ["dense", "loop", "padded_bmm", "grouped_mm", "torch", "triton", "cuda"]
+MODES = ["fwd+bwd", "fwd"]  # training's rows first: a run cut short keeps them
+GRAPHS = [False, True] if DEVICE.type == "cuda" else [False]
+# One flat list, so pytest runs the cases in exactly this order (mode, then T, then impl, eager then graph).
+CASES = [pytest.param(m, e, t, i, g, id=f"{m}-{e}-{t}-{i}{'+graph' if g else ''}")
+         for m in MODES for e in EXPERTS for t in TOKENS for i in IMPLS for g in GRAPHS]
 BACKENDS = ("torch", "triton", "cuda")
 
 
@@ -137,10 +150,10 @@ def _inputs(T, E, device, dtype, requires_grad=False, seed=0):
     return x, plan, w
 
 
-def _dense_weights(device, dtype, requires_grad):
+def _dense_weights(device, dtype, requires_grad, hidden=D_FF):
     g = torch.Generator(device="cpu").manual_seed(1)
-    w = [torch.randn(D_FF, D, generator=g) * D ** -0.5, torch.randn(D_FF, generator=g) * 0.1,
-         torch.randn(D, D_FF, generator=g) * D_FF ** -0.5, torch.randn(D, generator=g) * 0.1]
+    w = [torch.randn(hidden, D, generator=g) * D ** -0.5, torch.randn(hidden, generator=g) * 0.1,
+         torch.randn(D, hidden, generator=g) * hidden ** -0.5, torch.randn(D, generator=g) * 0.1]
     return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in w]
 
 
@@ -158,24 +171,24 @@ def _skip_reason(impl):
 
 # ---- the benchmark ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("E", EXPERTS)
-@pytest.mark.parametrize("mode", MODES)
-def test_moe_ffn(bench, mode, E, T, impl):
+@pytest.mark.parametrize("mode, E, T, impl, graph", CASES)
+def test_moe_ffn(bench, mode, E, T, impl, graph):
     dtype_name = str(DTYPE).replace("torch.", "")
     bench.benchmark.group = f"moe_ffn {mode} T={T} E={E} {dtype_name}"
     why = _skip_reason(impl)
     if why:
         pytest.skip(why)
+    if graph and impl == "loop":
+        pytest.skip("the loop reads expert counts on the host (.tolist()): a CUDA graph cannot capture it")
     train = mode == "fwd+bwd"
     x, plan, w = _inputs(T, E, DEVICE, DTYPE, requires_grad=train)
     e_sorted, slot, offs = plan_indices(plan)
 
-    if impl == "dense":
-        params = [x] + _dense_weights(DEVICE, DTYPE, train)
+    if impl in ("dense", "dense_equal"):
+        hidden = D_FF if impl == "dense" else H
+        params = [x] + _dense_weights(DEVICE, DTYPE, train, hidden)
         call = lambda: dense_ffn(*params)  # noqa: E731
-        hidden, weights = D_FF, params[1:]
+        weights = params[1:]
     else:
         params = [x] + w
         hidden, weights = H, w
@@ -198,9 +211,11 @@ def test_moe_ffn(bench, mode, E, T, impl):
             with torch.no_grad():
                 return call()
 
+    if graph:
+        fn = _graph_replay(fn)
     flops = 4.0 * T * D * hidden * (3 if train else 1)
-    info = {"kind": "moe_ffn", "impl": impl, "mode": mode, "T": T, "E": E, "d": D, "h": hidden,
-            "dtype": dtype_name}
+    info = {"kind": "moe_ffn", "impl": impl + ("+graph" if graph else ""), "mode": mode, "T": T, "E": E, "d": D,
+            "h": hidden, "dtype": dtype_name, "graph": graph}
     if DEVICE.type == "cuda" and not train:
         # Small T is bound by reading the weights once: report the time against that floor.
         wbytes = sum(t.numel() for t in weights) * weights[0].element_size()
@@ -210,6 +225,24 @@ def test_moe_ffn(bench, mode, E, T, impl):
     if DEVICE.type == "cuda" and "weight_floor_us" in info and bench.benchmark.stats is not None:
         med_us = bench.benchmark.stats.stats.median * 1e6
         bench.benchmark.extra_info["x_weight_floor"] = round(med_us / info["weight_floor_us"], 3)
+
+
+def _graph_replay(fn):
+    """``fn`` captured once in a CUDA graph (after a warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # noqa: BLE001 - an implementation that cannot be captured is a skip, with why
+        torch.cuda.synchronize()
+        pytest.skip(f"not CUDA-graph capturable: {type(exc).__name__}: {exc}"[:300])
+    return graph.replay
 
 
 def _check_values(call, x, plan, w):

@@ -58,3 +58,11 @@ if compgen -G "$ROOT/moebert_kernels/_C*.so" >/dev/null; then
   exit 1
 fi
 echo "ci_cuda_build: ok (setup $((T1 - T0)) s, build $((T2 - T1)) s, import+tests $((T3 - T2)) s, total $((T3 - T0)) s)"
+
+# ---- kernel report (issue 22/21): every kernel in the built fatbin, per arch; a GEMM that spills fails CI ------
+# (scripts/kernel_report.py --no-triton: the Triton kernels have their own CI test, tests/test_kernel_report.py.)
+SO=$(ls "$COPY"/moebert_kernels/_C*.so 2>/dev/null | head -1 || true)
+[ -n "$SO" ] || { echo "ci_cuda_build: no _C*.so to report on" >&2; exit 1; }
+"$PY" scripts/kernel_report.py --no-triton --cuda-so "$SO" --arch sm_90a,sm_80 --check spill \
+  --json "$ROOT/build/ci-cuda/kernel_report.json"
+echo "ci_cuda_build: kernel report ok (no spills in CUDA C++ GEMMs): build/ci-cuda/kernel_report.json"

@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine (no registry access): build, verdicts, sanitize, tests, benchmarks, report.
+# One command for a lent GPU machine (no registry access): what the first GPU run must decide, speed numbers first.
 #
 #   bash scripts/gpu_check.sh OUTDIR
 #
 # Made to fit one 600 s remote command that returns at most 8 files. OUTDIR ends up holding only:
-#   gpu_check.tar.gz   every stage log, junit XML and benchmark JSON (plus setup.log and summary.md)
-#   summary.md         one row per stage: status, seconds, limit, one-line note
-#   BENCHMARKS.md      the report's GPU section          moe_ffn_gpu.png   its plot
+#   gpu_check.tar.gz     every stage log, junit XML and benchmark JSON (plus setup.log and summary.md)
+#   summary.md           one row per stage: status, seconds, limit, one-line note
+#   bench_moe_ffn.json   the moe_ffn benchmark (pytest-benchmark JSON; benchmarks/report.py reads it)
+#   kernel_report.json   scripts/kernel_report.py on this machine: Triton (its triton) and the built _C
+#   BENCHMARKS.md        the report's GPU section          moe_ffn_gpu.png   its plot
 # The tarball and summary are rewritten after every stage, so a run cut off from outside keeps what it had.
 # Stdout: the plan, one header and one verdict line per stage, the last 40 lines of the log of any stage that
 # failed or timed out, and the summary.
 #
-# Stages, in this order (each its own process; a failed stage never stops the next one):
+# Stages, in this order (each its own process; a failed stage never stops the next one). No CPU test stage:
+# CI runs the suite on CPU.
 #   env                      versions, nvidia-smi, nvcc, compute-sanitizer
 #   build                    pip install --no-build-isolation --no-deps -e . (MOEBERT_BUILD_CUDA=1,
-#                            TORCH_CUDA_ARCH_LIST=9.0), then checks that moebert_kernels._C loads; reuses a build
-#                            whose csrc/ and setup.py are unchanged (a second run on a warm machine)
+#                            TORCH_CUDA_ARCH_LIST="8.0;9.0a"), then checks that moebert_kernels._C loads; reuses a
+#                            build whose csrc/ and setup.py are unchanged (a second run on a warm machine)
+#   warmup                   scripts/kernel_report.py --warmup --dtypes bf16: every bf16 Triton kernel the launchers
+#                            can pick (what the verdicts and benchmarks run), compiled
+#                            for this GPU by a pool of processes into Triton's cache, so no later stage compiles
+#                            serially
+#   kernel-report            (in the background, niced, from here to the end) scripts/kernel_report.py --dtypes
+#                            bf16 on the built _C -> OUTDIR/kernel_report.json; it needs CPUs only
 #   verdicts                 tests/test_gpu_verdicts.py: every backend at BERT sizes, bf16 vs the fp32 reference
-#   sanitize                 compute-sanitizer memcheck on scripts/sanitize_case.py; "Device not supported" is a
-#                            SKIP with that reason (one of the two runtimes refuses the device)
-#   gpu-<file>               the rest of the GPU matrix, one pytest process per file (an illegal address is
+#   bench-moe_ffn            forward + backward, then forward, T 1k/4k/16k, E=4, bf16: dense of equal FLOPs,
+#                            grouped_mm, loop, triton, cuda, eager and CUDA graph -> OUTDIR/bench_moe_ffn.json
+#   sanitize                 compute-sanitizer memcheck on scripts/sanitize_case.py --backends cuda (the CUDA C++
+#                            path); "Device not supported" is a SKIP with that reason
+#   bench-<file>             the other benchmarks: end-to-end BERT-base first
+#   report                   benchmarks/report.py -> OUTDIR/BENCHMARKS.md and OUTDIR/moe_ffn_gpu.png
+#   gpu-<file>               the rest of the GPU tests, one pytest process per file (an illegal address is
 #                            sticky: it must not fail the files after it); CUDA_LAUNCH_BLOCKING=1 for the CUDA C++
 #                            tests, so a fault is reported at the launch that made it
-#   bench-<file>             pytest benchmarks/test_bench_<file>.py --benchmark-json (E=4 rows for moe_ffn)
-#   report                   benchmarks/report.py -> OUTDIR/BENCHMARKS.md and OUTDIR/moe_ffn_gpu.png
 #   demo                     moebert demo --device cuda, only if carry/minilm exists (scripts/pack_demo_model.py)
-#   tests                    the rest of the suite, with whatever time is left
 # Exit 0 only if every stage passed or was skipped on request or for an unsupported device.
 #
 # Budget: GPU_CHECK_BUDGET_S (default 540 s). Each stage has a cap and a floor. With left = BUDGET - RESERVE -
@@ -33,11 +43,16 @@
 # starve the later ones below their floors. Earlier stages matter more, so a stage squeezed below its own floor
 # still gets min(floor, left), and the later stages make do with less; a limit under 10 s is a SKIP with "no
 # time left". A stage at its limit gets SIGINT (pytest then still writes its XML/JSON), SIGKILL 10 s later.
+# A background stage (kernel-report) gets min(cap, left), costs the others no time, and is waited for at the end.
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_SKIP="sanitize gpu-*" (stage names or globs; "gpu-tests" means
-# every gpu-* stage), GPU_CHECK_BUDGET_S, TORCH_CUDA_ARCH_LIST, MOEBERT_BUILD_CUDA, MAX_JOBS,
-# MOEBERT_BENCH_MAX_ROUNDS (default 50). If the budget runs out, run it again on the still-warm machine with
-# GPU_CHECK_SKIP="build verdicts sanitize": the build and Triton's compile cache stay in place.
+# every gpu-* stage), GPU_CHECK_BUDGET_S, TORCH_CUDA_ARCH_LIST (default "8.0;9.0a": 9.0a for Hopper's wgmma and
+# TMA), MOEBERT_BUILD_CUDA, MAX_JOBS, MOEBERT_BENCH_MAX_ROUNDS (default 50). If the budget runs out, run it again
+# on the still-warm machine with GPU_CHECK_SKIP="build warmup kernel-report verdicts bench-moe_ffn sanitize": the
+# build and Triton's compile cache stay in place.
+# CUTLASS headers (the GPU machine has no registry): MOEBERT_CUTLASS_INCLUDE, else carry/cutlass/include if it
+# exists (copy the include/ folder of the nvidia-cutlass wheel's cutlass_library/source there and carry
+# "carry/cutlass"); the variable is passed to the build (setup.py reads it).
 # CPATH: if the toolkit lacks cusparse.h (ATen's CUDA headers include it), the include folders of the active
 # python's pip CUDA wheels (nvidia/*/include) are prepended, as scripts/ci_cuda_build.sh does. The driver and
 # the toolkit are never changed.
@@ -46,7 +61,7 @@
 # and the stage's output files, and passes; GPU_CHECK_DRY_RUN_FAIL / _TIMEOUT / _UNSUPPORTED="stage ..." make
 # those stages fail, time out, or print compute-sanitizer's "Device not supported". Time is virtual there:
 # each stage costs GPU_CHECK_DRY_RUN_COST="stage=seconds ..." (default 1 s); a cost over the stage's limit, or a
-# requested timeout, is a TIMEOUT that costs the limit.
+# requested timeout, is a TIMEOUT that costs the limit (a background stage costs the others nothing).
 set -u
 OUTDIR=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -83,7 +98,7 @@ skip_requested() {
   return 1
 }
 
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
 export MOEBERT_BUILD_CUDA=${MOEBERT_BUILD_CUDA:-1}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
@@ -98,6 +113,14 @@ fi
 note_setup() { echo "$*" | tee -a "$LOGS/setup.log"; }
 note_setup "python: $PY ($(command -v "$PY" || echo 'not found'))"
 note_setup "CUDA_HOME=${CUDA_HOME:-unset}"
+if [ -z "${MOEBERT_CUTLASS_INCLUDE:-}" ] && [ -d carry/cutlass/include ]; then
+  export MOEBERT_CUTLASS_INCLUDE=$PWD/carry/cutlass/include
+fi
+if [ -n "${MOEBERT_CUTLASS_INCLUDE:-}" ]; then
+  note_setup "MOEBERT_CUTLASS_INCLUDE=$MOEBERT_CUTLASS_INCLUDE (CUTLASS headers for the build)"
+else
+  note_setup "MOEBERT_CUTLASS_INCLUDE: unset and no carry/cutlass/include (the build finds CUTLASS its own way or not at all)"
+fi
 if [ -f "${CUDA_HOME:-/usr/local/cuda}/include/cusparse.h" ]; then
   note_setup "CPATH: unchanged (the toolkit has cusparse.h)"
 else
@@ -121,8 +144,8 @@ EOF
 fi
 
 # ---- the stages: name, cap, floor, command, output files (the dry run's stub creates those) -----------------
-NAMES=(); CAPS=(); FLOORS=(); CMDS=(); OUTS=()
-stage() { NAMES+=("$1"); CAPS+=("$2"); FLOORS+=("$3"); CMDS+=("$4"); OUTS+=("${5:-}"); }
+NAMES=(); CAPS=(); FLOORS=(); CMDS=(); OUTS=(); BACKGROUND=()
+stage() { NAMES+=("$1"); CAPS+=("$2"); FLOORS+=("$3"); CMDS+=("$4"); OUTS+=("${5:-}"); BACKGROUND+=("${6:-0}"); }
 
 PYTEST="$PY -m pytest -q -rs -p no:cacheprovider"
 BENCH_ARGS="-q -rs -p no:cacheprovider --benchmark-min-rounds=5 --benchmark-max-time=0.25 --benchmark-columns=min,median,rounds"
@@ -138,11 +161,12 @@ for m in ('triton', 'transformers', 'pytest', 'pytest_benchmark', 'pybind11', 'n
         print(m, 'MISSING', type(e).__name__)
 EOF
 echo; nvcc --version | tail -2; compute-sanitizer --version | head -2
-echo CUDA_HOME=\${CUDA_HOME:-unset} CPATH=\${CPATH:-unset} TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST"
+echo CUDA_HOME=\${CUDA_HOME:-unset} CPATH=\${CPATH:-unset} TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST \
+  MOEBERT_CUTLASS_INCLUDE=\${MOEBERT_CUTLASS_INCLUDE:-unset}"
 
 # A build is reused when the sources it came from are unchanged (their hash is kept beside it in build/).
 stage build 200 60 "set -o pipefail
-hash=\$(cat setup.py csrc/* | sha256sum | cut -c1-16)
+hash=\$( (cat setup.py csrc/*; echo \"\$TORCH_CUDA_ARCH_LIST \${MOEBERT_CUTLASS_INCLUDE:-}\") | sha256sum | cut -c1-16)
 if [ -f build/gpu_check_built ] && [ \"\$(cat build/gpu_check_built)\" = \"\$hash\" ] && ls moebert_kernels/_C*.so >/dev/null 2>&1; then
   echo \"build: reusing moebert_kernels/_C (csrc/ and setup.py unchanged, \$hash)\"
 else
@@ -158,35 +182,27 @@ print(report())
 raise SystemExit(0 if ext is not None else 1)
 EOF"
 
+NPROC=$(nproc 2>/dev/null || echo 4)
+stage warmup 120 30 "$PY scripts/kernel_report.py --warmup --dtypes bf16 --jobs $NPROC"
+# CPUs only, so it runs beside the GPU stages; niced, and half the cores, to keep the benchmarks' launches fed.
+stage kernel-report 400 0 "nice -n 10 $PY scripts/kernel_report.py --dtypes bf16 --jobs $(( (NPROC + 1) / 2 )) \
+  --json $OUTDIR/kernel_report.json > $LOGS/kernel_report.md" "$OUTDIR/kernel_report.json $LOGS/kernel_report.md" 1
 stage verdicts 150 60 "CUDA_LAUNCH_BLOCKING=1 $PYTEST tests/test_gpu_verdicts.py --junitxml=$LOGS/verdicts.xml" \
   "$LOGS/verdicts.xml"
-stage sanitize 90 30 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 $PY scripts/sanitize_case.py"
+# The numbers the first run must bring back: they get at least 150 s (the floor) whatever came before.
+stage bench-moe_ffn 200 150 "$PY -m pytest benchmarks/test_bench_moe_ffn.py $BENCH_ARGS \
+  --benchmark-json=$OUTDIR/bench_moe_ffn.json" "$OUTDIR/bench_moe_ffn.json"
+stage sanitize 90 30 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 50 $PY scripts/sanitize_case.py --backends cuda"
 
-# Cheapest first, so a file that hits its cap leaves the others' results; test_triton_moe_ffn.py compiles the
-# most Triton variants.
-GPU_FILES="expert_layer_norm distill_loss cuda_ext triton_moe_ffn"
-IGNORES="--ignore=tests/test_gpu_verdicts.py"
-for f in $GPU_FILES; do
-  [ -f "tests/test_$f.py" ] || continue
-  IGNORES="$IGNORES --ignore=tests/test_$f.py"
-  case $f in
-    expert_layer_norm) cap=40 floor=10 ;; distill_loss) cap=60 floor=15 ;; cuda_ext) cap=60 floor=15 ;;
-    *) cap=150 floor=30 ;;
-  esac
-  blocking=""; [ "$f" = cuda_ext ] && blocking="CUDA_LAUNCH_BLOCKING=1 "
-  stage "gpu-$f" $cap $floor "$blocking$PYTEST tests/test_$f.py --junitxml=$LOGS/gpu-$f.xml" "$LOGS/gpu-$f.xml"
-done
-
-JSONS=""
-# tied and moe_ffn_gated reserve nothing (floor 0): they run on what is left, never squeezing the verdicts.
-for f in moe_ffn distill_loss expert_layer_norm end_to_end tied moe_ffn_gated; do
+JSONS="$OUTDIR/bench_moe_ffn.json"
+# end_to_end first (BERT-base); tied and moe_ffn_gated reserve nothing (floor 0): they run on what is left.
+for f in end_to_end distill_loss expert_layer_norm tied moe_ffn_gated; do
   [ -f "benchmarks/test_bench_$f.py" ] || continue
   case $f in
-    moe_ffn) cap=120 floor=40 knobs="MOEBERT_BENCH_EXPERTS=4 " ;; distill_loss) cap=40 floor=10 knobs="" ;;
-    expert_layer_norm) cap=30 floor=10 knobs="" ;; tied) cap=60 floor=0 knobs="" ;;
-    moe_ffn_gated) cap=30 floor=0 knobs="" ;; *) cap=45 floor=10 knobs="" ;;
+    end_to_end) cap=45 floor=10 ;; distill_loss) cap=40 floor=10 ;; expert_layer_norm) cap=30 floor=10 ;;
+    tied) cap=60 floor=0 ;; *) cap=30 floor=0 ;;
   esac
-  stage "bench-$f" $cap $floor "$knobs$PY -m pytest benchmarks/test_bench_$f.py $BENCH_ARGS --benchmark-json=$LOGS/bench_$f.json" \
+  stage "bench-$f" $cap $floor "$PY -m pytest benchmarks/test_bench_$f.py $BENCH_ARGS --benchmark-json=$LOGS/bench_$f.json" \
     "$LOGS/bench_$f.json"
   JSONS="$JSONS $LOGS/bench_$f.json"
 done
@@ -195,13 +211,21 @@ stage report 20 10 "$PY benchmarks/report.py $JSONS --out $OUTDIR/BENCHMARKS.md 
   --command 'bash scripts/gpu_check.sh OUTDIR (pytest benchmarks/test_bench_<name>.py $BENCH_ARGS, MOEBERT_BENCH_MAX_ROUNDS=$MOEBERT_BENCH_MAX_ROUNDS)'" \
   "$OUTDIR/BENCHMARKS.md $OUTDIR/moe_ffn_gpu.png"
 
+# The rest of the GPU tests, cheapest first, so a file that hits its cap leaves the others' results;
+# test_triton_moe_ffn.py runs the most Triton variants. They run on what is left (floor 0).
+for f in expert_layer_norm distill_loss cuda_ext triton_moe_ffn triton_moe_ffn_shared triton_device_guard families; do
+  [ -f "tests/test_$f.py" ] || continue
+  case $f in
+    expert_layer_norm) cap=40 ;; distill_loss|cuda_ext) cap=60 ;; triton_moe_ffn) cap=160 ;; *) cap=60 ;;
+  esac
+  blocking=""; [ "$f" = cuda_ext ] && blocking="CUDA_LAUNCH_BLOCKING=1 "
+  stage "gpu-$f" $cap 0 "$blocking$PYTEST tests/test_$f.py --junitxml=$LOGS/gpu-$f.xml" "$LOGS/gpu-$f.xml"
+done
+
 # The demo on the GPU, when its model was carried here (python scripts/pack_demo_model.py carry/minilm).
 if [ -d carry/minilm ]; then
-  stage demo 150 20 "$PY -m moebert.cli demo --model carry/minilm --device cuda"
+  stage demo 150 0 "$PY -m moebert.cli demo --model carry/minilm --device cuda"
 fi
-
-# Last: the rest of the suite (CI runs it on CPU anyway); it gets whatever time is left.
-stage tests 150 0 "$PYTEST tests $IGNORES --junitxml=$LOGS/tests.xml" "$LOGS/tests.xml"
 
 # ---- running them ------------------------------------------------------------------------------------------
 ST_STATUS=(); ST_SECS=(); ST_LIMIT=(); ST_NOTE=()
@@ -242,6 +266,8 @@ stage_note() {
     build) note=$(grep -m1 -E "^(extension:|build: reusing)" "$log") ;;
     sanitize) note=$({ grep -m1 "ERROR SUMMARY" "$log"; grep -m1 "^sanitize_case:" "$log"; } | tr '\n' ' ') ;;
     report) note=$(grep -m1 -E "wrote|Plot skipped|no benchmark" "$log") ;;
+    warmup) note=$(grep -m1 "^kernel_report --warmup:" "$log") ;;
+    kernel-report) note=$(grep -h -m1 "^kernel_report: [0-9]* rows" "$log" "$LOGS/kernel_report.md" 2>/dev/null | head -1) ;;
     *) note=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$log" | grep -E " in [0-9.]+s" | tail -1 | tr -d '=' \
          | sed 's/^ *//') ;;
   esac
@@ -267,9 +293,38 @@ write_summary() {
 echo "plan (budget ${BUDGET}s, reserve ${RESERVE}s): stage cap floor"
 for i in "${!NAMES[@]}"; do
   skip_requested "${NAMES[$i]}" && s=" (GPU_CHECK_SKIP)" || s=""
-  echo "  plan ${NAMES[$i]} ${CAPS[$i]} ${FLOORS[$i]}$s"
+  b=""; [ "${BACKGROUND[$i]}" = 1 ] && b=" background"
+  echo "  plan ${NAMES[$i]} ${CAPS[$i]} ${FLOORS[$i]}$b$s"
 done
 
+# verdict INDEX RC SECONDS LIMIT: the stage's status and note from its exit status and log.
+verdict() {
+  local i=$1 rc=$2 secs=$3 limit=$4 name=${NAMES[$1]} note status why
+  note=$(stage_note "$name")
+  case $rc in
+    0) status=PASS ;;
+    124|137) status=TIMEOUT; note="stopped at its ${limit}s limit; $note" ;;
+    *) status="FAIL($rc)" ;;
+  esac
+  if [ "$name" = sanitize ]; then  # the refusal may come with any exit status: the log decides
+    why=$(grep -m1 -o "Device not supported.*" "$LOGS/$name.log")
+    if [ -n "$why" ]; then
+      status=SKIP; note="compute-sanitizer refuses this device (${why}); memcheck needs the other runtime"
+    elif [ "$rc" = 127 ]; then
+      status=SKIP; note="compute-sanitizer is not installed here"
+    fi
+  fi
+  ST_STATUS[$i]=$status; ST_SECS[$i]=$secs; ST_LIMIT[$i]=$limit; ST_NOTE[$i]=$note
+  echo "   -> $status in ${secs}s: $note"
+  if [ "$status" = TIMEOUT ] || [[ $status == FAIL* ]]; then
+    echo "---- last $TAIL_LINES lines of $name.log ----"
+    tail -n "$TAIL_LINES" "$LOGS/$name.log"
+    echo "---- end of $name.log ----"
+  fi
+  write_summary
+}
+
+ST_T0=(); BG_PIDS=()
 for i in "${!NAMES[@]}"; do
   name=${NAMES[$i]}
   if skip_requested "$name"; then
@@ -285,13 +340,32 @@ for i in "${!NAMES[@]}"; do
   if [ "$limit" -lt "${FLOORS[$i]}" ]; then  # earlier stages matter more: take the floor from later ones
     limit=${FLOORS[$i]}; [ "$left" -lt "$limit" ] && limit=$left
   fi
+  if [ "${BACKGROUND[$i]}" = 1 ]; then  # beside the others: it only has to end with the budget
+    limit=$left; [ "$limit" -gt "${CAPS[$i]}" ] && limit=${CAPS[$i]}
+  fi
   if [ "$limit" -lt "$MIN_LIMIT" ]; then
     ST_STATUS[$i]=SKIP; ST_SECS[$i]=0; ST_LIMIT[$i]=$limit; ST_NOTE[$i]="no time left in the ${BUDGET}s budget"
     echo "== [$name] SKIP (no time left: limit ${limit}s)"; write_summary; continue
   fi
-  echo "== [$name] (limit ${limit}s) ${CMDS[$i]%%$'\n'*}"
+  echo "== [$name] (limit ${limit}s$([ "${BACKGROUND[$i]}" = 1 ] && echo ', in the background')) ${CMDS[$i]%%$'\n'*}"
   { echo "\$ ${CMDS[$i]}"; echo; } > "$LOGS/$name.log"
   t0=$(now)
+  if [ "${BACKGROUND[$i]}" = 1 ]; then
+    ST_LIMIT[$i]=$limit; ST_T0[$i]=$t0
+    if [ "$DRY" = 1 ]; then  # it runs now but costs no virtual time; its outcome is read at the end
+      cost=$(dry_cost "$name")
+      [ "$cost" -gt "$limit" ] && GPU_CHECK_DRY_RUN_TIMEOUT="${GPU_CHECK_DRY_RUN_TIMEOUT:-} $name"
+      dry_stub "$name" "${OUTS[$i]}" >> "$LOGS/$name.log" 2>&1
+      rc=$?; [ "$rc" = 124 ] && cost=$limit
+      echo "$rc $((t0 + cost))" > "$WORK/$name.rc"
+    else
+      ( timeout -s INT -k 10 "$limit" bash -c "${CMDS[$i]}" >> "$LOGS/$name.log" 2>&1
+        echo "$? $(date +%s)" > "$WORK/$name.rc" ) &
+      BG_PIDS[$i]=$!
+    fi
+    ST_STATUS[$i]=RUNNING; ST_SECS[$i]=0; ST_NOTE[$i]="in the background"
+    echo "   -> started in the background"; write_summary; continue
+  fi
   if [ "$DRY" = 1 ]; then
     cost=$(dry_cost "$name")
     [ "$cost" -gt "$limit" ] && GPU_CHECK_DRY_RUN_TIMEOUT="${GPU_CHECK_DRY_RUN_TIMEOUT:-} $name"  # as timeout would
@@ -302,28 +376,16 @@ for i in "${!NAMES[@]}"; do
     timeout -s INT -k 10 "$limit" bash -c "${CMDS[$i]}" >> "$LOGS/$name.log" 2>&1
     rc=$?
   fi
-  note=$(stage_note "$name")
-  case $rc in
-    0) status=PASS ;;
-    124|137) status=TIMEOUT; note="stopped at its ${limit}s limit; $note" ;;
-    *) status="FAIL($rc)" ;;
-  esac
-  if [ "$name" = sanitize ]; then  # the refusal may come with any exit status: the log decides
-    why=$(grep -m1 -o "Device not supported.*" "$LOGS/$name.log")
-    if [ -n "$why" ]; then
-      status=SKIP; note="compute-sanitizer refuses this device (${why}); memcheck needs the other runtime"
-    elif [ "$rc" = 127 ]; then
-      status=SKIP; note="compute-sanitizer is not installed here"
-    fi
-  fi
-  ST_STATUS[$i]=$status; ST_SECS[$i]=$(( $(now) - t0 )); ST_LIMIT[$i]=$limit; ST_NOTE[$i]=$note
-  echo "   -> $status in ${ST_SECS[$i]}s: $note"
-  if [ "$status" = TIMEOUT ] || [[ $status == FAIL* ]]; then
-    echo "---- last $TAIL_LINES lines of $name.log ----"
-    tail -n "$TAIL_LINES" "$LOGS/$name.log"
-    echo "---- end of $name.log ----"
-  fi
-  write_summary
+  verdict "$i" "$rc" $(( $(now) - t0 )) "$limit"
+done
+
+# The background stages: wait for each (its own timeout bounds the wait), then its verdict.
+for i in "${!NAMES[@]}"; do
+  [ "${BACKGROUND[$i]}" = 1 ] && [ "${ST_STATUS[$i]}" = RUNNING ] || continue
+  [ -n "${BG_PIDS[$i]:-}" ] && wait "${BG_PIDS[$i]}"
+  read -r rc t_end < "$WORK/${NAMES[$i]}.rc" || { rc=1; t_end=$(now); }
+  echo "== [${NAMES[$i]}] (background) finished"
+  verdict "$i" "$rc" $(( t_end - ST_T0[i] )) "${ST_LIMIT[$i]}"
 done
 
 write_summary

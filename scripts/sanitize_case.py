@@ -14,10 +14,14 @@ out-of-bounds access instead of landing in a neighbour inside a pooled block).
 - expert_layer_norm, backends cuda and triton: T=37, d=100, bf16 FFN output with an fp32 residual,
   forward + backward.
 
+``--backends cuda`` limits it to those backends (gpu_check.sh sanitizes the CUDA C++ path only: Triton's
+kernels are checked by their bounds masks and the GPU tests, and memcheck slows them most).
+
 Prints one line per case (OK / SKIP reason / FAIL) and exits 1 if any case failed.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 
@@ -122,7 +126,13 @@ def layer_norm_case(backend: str, device: str = "cuda") -> str:
     return f"rel err {err:.1e}"
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="every GPU kernel once, for compute-sanitizer")
+    ap.add_argument("--backends", default="cuda,triton", help="comma-separated: cuda, triton")
+    backends = [b for b in ap.parse_args(argv).backends.split(",") if b]
+    unknown = set(backends) - {"cuda", "triton"}
+    if unknown:
+        ap.error(f"unknown backends {sorted(unknown)}: use cuda and/or triton")
     if not torch.cuda.is_available():
         print("SKIP all: no CUDA device")
         return 0
@@ -132,7 +142,7 @@ def main() -> int:
         print(f"SKIP distill_loss: {exc}")
     failed = 0
     cases = []
-    for backend in ("cuda", "triton"):
+    for backend in backends:
         for dtype in (torch.float32, torch.bfloat16):
             for gated in (False, True):
                 cases.append((f"moe_ffn {backend} {dtype} gate={gated}", "moe_ffn", backend,

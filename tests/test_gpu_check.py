@@ -6,6 +6,7 @@ a second and the budget arithmetic is exact. Checked: stage order, the limits, t
 stage's log tail on stdout, the files left in OUTDIR and the tarball's contents, GPU_CHECK_SKIP, the default
 interpreter and CPATH.
 """
+import json
 import os
 import re
 import subprocess
@@ -17,12 +18,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-GPU_FILES = ["expert_layer_norm", "distill_loss", "cuda_ext", "triton_moe_ffn"]
-BENCHES = ["moe_ffn", "distill_loss", "expert_layer_norm", "end_to_end", "tied", "moe_ffn_gated"]
-ORDER = (["env", "build", "verdicts", "sanitize"] + [f"gpu-{f}" for f in GPU_FILES]
-         + [f"bench-{b}" for b in BENCHES] + ["report"] + (["demo"] if (ROOT / "carry" / "minilm").is_dir() else [])
-         + ["tests"])
-RETURNED = {"gpu_check.tar.gz", "summary.md", "BENCHMARKS.md", "moe_ffn_gpu.png"}
+GPU_FILES = [f for f in ["expert_layer_norm", "distill_loss", "cuda_ext", "triton_moe_ffn", "triton_moe_ffn_shared",
+                         "triton_device_guard", "families"] if (ROOT / "tests" / f"test_{f}.py").exists()]
+BENCHES = [b for b in ["end_to_end", "distill_loss", "expert_layer_norm", "tied", "moe_ffn_gated"]
+           if (ROOT / "benchmarks" / f"test_bench_{b}.py").exists()]
+ORDER = (["env", "build", "warmup", "kernel-report", "verdicts", "bench-moe_ffn", "sanitize"]
+         + [f"bench-{b}" for b in BENCHES] + ["report"] + [f"gpu-{f}" for f in GPU_FILES]
+         + (["demo"] if (ROOT / "carry" / "minilm").is_dir() else []))
+RETURNED = {"gpu_check.tar.gz", "summary.md", "bench_moe_ffn.json", "kernel_report.json", "BENCHMARKS.md",
+            "moe_ffn_gpu.png"}
+# The issue's stage costs (22: "plausible stage costs") and the warm-up's, from a measured compile: 94 bf16
+# kernels (sm_90a + sm_80) took 719 s with 2 processes on this CPU machine's 2 busy vCPUs, 15.3 s per kernel and
+# process; the warm-up compiles the 47 sm_90a ones with 16 processes: 3 waves, 46 s.
+ISSUE_COSTS = {"env": 5, "build": 90, "warmup": 46, "verdicts": 90, "bench-moe_ffn": 150, "sanitize": 95,
+               "gpu-triton_moe_ffn": 160, "kernel-report": 150}
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 
@@ -54,9 +63,14 @@ def plan(stdout: str):
     return int(m.group(1)), int(m.group(2)), stages
 
 
+def background(stdout: str) -> set:
+    return set(re.findall(r"^  plan (\S+) \d+ \d+ background", stdout, re.M))
+
+
 def expected_limits(stdout, costs=None, timeouts=(), skip=()):
     """Replays the script's budget rule: {stage: limit, or None for a "no time left" SKIP}."""
     budget, reserve, stages = plan(stdout)
+    bg = background(stdout)
     costs = costs or {}
     elapsed, want = 0, {}
     for i, (name, cap, floor) in enumerate(stages):
@@ -66,6 +80,9 @@ def expected_limits(stdout, costs=None, timeouts=(), skip=()):
         limit = min(cap, left - sum(f for n, _, f in stages[i + 1:] if n not in skip))
         if limit < floor:
             limit = min(floor, left)
+        if name in bg:  # beside the others: it only has to end with the budget, and costs them nothing
+            want[name] = min(cap, left) if min(cap, left) >= 10 else None
+            continue
         if limit < 10:
             want[name] = None
             continue
@@ -84,7 +101,7 @@ def test_every_stage_runs_in_order_and_returns_at_most_8_files(tmp_path):
     assert {p.name for p in out.iterdir()} == RETURNED  # at most 8 files come back; nothing hidden either
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    want = {f"{s}.log" for s in ORDER} | {"setup.log", "summary.md", "verdicts.xml", "tests.xml"}
+    want = {f"{s}.log" for s in ORDER} | {"setup.log", "summary.md", "verdicts.xml", "kernel_report.md"}
     want |= {f"gpu-{f}.xml" for f in GPU_FILES} | {f"bench_{b}.json" for b in BENCHES}
     assert want <= names, want - names
     assert "DRY RUN" in (out / "summary.md").read_text()
@@ -98,15 +115,15 @@ def test_gpu_files_run_one_process_each_cuda_cpp_with_launch_blocking(tmp_path):
         assert cmd.count("-m pytest") == 1 and re.findall(r"tests/test_\w+\.py", cmd) == [f"tests/test_{f}.py"]
         assert cmd.startswith("CUDA_LAUNCH_BLOCKING=1 ") == (f == "cuda_ext"), cmd
     assert re.findall(r"tests/test_\w+\.py", cmds["verdicts"]) == ["tests/test_gpu_verdicts.py"]
-    for f in GPU_FILES + ["gpu_verdicts"]:
-        assert f"--ignore=tests/test_{f}.py" in cmds["tests"]
+    assert not [c for c in cmds.values() if re.search(r"pytest\S* .*\btests(/| |$)(?!test_)", c)]  # no CPU suite
+    assert cmds["sanitize"].endswith("scripts/sanitize_case.py --backends cuda")  # the CUDA C++ path only
 
 
 def test_budget_limits_and_verdicts(tmp_path):
-    costs = {"build": 200, "verdicts": 139, "gpu-triton_moe_ffn": 56, "bench-end_to_end": 24, "report": 99}
+    costs = {"build": 200, "verdicts": 90, "gpu-triton_moe_ffn": 56, "bench-end_to_end": 24, "report": 99}
     timeouts = ("sanitize", "bench-moe_ffn")
     env = dict(GPU_CHECK_DRY_RUN_COST=" ".join(f"{k}={v}" for k, v in costs.items()),
-               GPU_CHECK_DRY_RUN_TIMEOUT=" ".join(timeouts), GPU_CHECK_DRY_RUN_FAIL="gpu-distill_loss")
+               GPU_CHECK_DRY_RUN_TIMEOUT=" ".join(timeouts), GPU_CHECK_DRY_RUN_FAIL="bench-distill_loss")
     res, out = run(tmp_path, **env)
     assert res.returncode == 1
     want, elapsed = expected_limits(res.stdout, costs, timeouts)
@@ -121,19 +138,21 @@ def test_budget_limits_and_verdicts(tmp_path):
     assert elapsed <= budget - reserve
     assert got["sanitize"]["status"] == "TIMEOUT" and got["bench-moe_ffn"]["status"] == "TIMEOUT"
     assert got["sanitize"]["secs"] == got["sanitize"]["limit"]
-    assert got["gpu-distill_loss"]["status"] == "FAIL(1)"
+    assert got["bench-distill_loss"]["status"] == "FAIL(1)"
     assert got["report"]["status"] == "TIMEOUT"  # it would have run past its limit
-    assert got["verdicts"]["status"] == "PASS" and got["verdicts"]["limit"] == want["verdicts"] == 139
+    assert got["verdicts"]["status"] == "PASS" and got["verdicts"]["limit"] == want["verdicts"] >= 90
     assert all(r["secs"] <= r["limit"] for r in got.values())
 
 
 def test_squeezed_stage_still_gets_its_floor(tmp_path):
     """Short of time (a 300 s budget), the verdicts keep their floor; the later stages make do with less."""
-    res, out = run(tmp_path, GPU_CHECK_BUDGET_S="300", GPU_CHECK_DRY_RUN_COST="build=60")
+    costs = {"build": 60, "bench-moe_ffn": 150}
+    res, out = run(tmp_path, GPU_CHECK_BUDGET_S="300",
+                   GPU_CHECK_DRY_RUN_COST=" ".join(f"{k}={v}" for k, v in costs.items()))
     budget, reserve, stages = plan(res.stdout)
-    later = sum(f for n, _, f in stages[3:])
-    assert budget - reserve - 61 - later < 60  # after env (1 s) and build, less than the verdicts' floor is free
-    want, _ = expected_limits(res.stdout, {"build": 60})
+    later = sum(f for n, _, f in stages[ORDER.index("verdicts") + 1:])
+    assert budget - reserve - 62 - later < 60  # after env, build and warm-up, less than the verdicts' floor is free
+    want, _ = expected_limits(res.stdout, costs)
     got = summary(out)
     assert got["verdicts"]["status"] == "PASS" and got["verdicts"]["limit"] == want["verdicts"] == 60
     assert got["sanitize"]["limit"] == want["sanitize"] < 90
@@ -188,3 +207,25 @@ def test_default_python3_and_cpath_from_pip_cuda_headers(tmp_path):
     assert "CPATH: unchanged (the toolkit has cusparse.h)" in res.stdout
     assert re.search(r"^python: python3 ", res.stdout, re.M)
     assert "python3 -m pytest -q" in res.stdout
+
+
+def test_issue_costs_leave_the_moe_ffn_benchmark_150s_and_bring_back_its_json_and_the_report(tmp_path):
+    """Issue 22's replay: with its stage costs (and the warm-up's measured one) the speed numbers come back."""
+    env = dict(GPU_CHECK_DRY_RUN_COST=" ".join(f"{k}={v}" for k, v in ISSUE_COSTS.items()))
+    res, out = run(tmp_path, **env)
+    got = summary(out)
+    want, _ = expected_limits(res.stdout, ISSUE_COSTS)
+    assert all(got[n]["limit"] == want[n] for n in want if want[n] is not None), (got, want)
+    order = re.findall(r"^== \[(\S+)\] \(limit", res.stdout, re.M)
+    assert order[:7] == ["env", "build", "warmup", "kernel-report", "verdicts", "bench-moe_ffn", "sanitize"]
+    bench = got["bench-moe_ffn"]
+    assert bench["limit"] >= 150 and bench["status"] == "PASS" and bench["secs"] == 150, bench
+    assert got["warmup"]["status"] == got["verdicts"]["status"] == got["kernel-report"]["status"] == "PASS"
+    assert got["kernel-report"]["secs"] == 150  # in the background: it cost the other stages nothing
+    assert {"bench_moe_ffn.json", "kernel_report.json", "BENCHMARKS.md"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "bench_moe_ffn.json").read_text()) is not None
+    # And when everything before it runs to its cap, the benchmark still keeps its floor.
+    caps = {n: c for n, c, _ in plan(res.stdout)[2]}
+    env = dict(GPU_CHECK_DRY_RUN_COST=" ".join(f"{n}={caps[n]}" for n in ("env", "build", "warmup", "verdicts")))
+    res, out = run(tmp_path, name="worst", **env)
+    assert summary(out)["bench-moe_ffn"]["limit"] >= 150
