@@ -273,13 +273,22 @@ def test_configs_are_valid_and_overridable():
         tm.MoEFFNConfig(16, 16, 32, chunk=48)
 
 
-def test_split_k_chunk_fills_an_h100():
-    """E=4, T=64k: the dW launches get several waves of programs on 132 SMs."""
-    cfg = tm._default_config("dw", 65536, 768, 768, 4, torch.bfloat16, False)
-    chunk = tm._dw_chunk(65536, 768, 768, cfg, torch.device("cpu"))  # CPU: assumes 132 SMs
-    tiles = (768 // cfg.block_m) * (768 // cfg.block_n)
-    programs = tiles * (65536 // chunk)  # balanced routing
-    assert programs >= 2 * 132 and chunk % cfg.block_k == 0 and chunk >= 4 * cfg.block_k
+@pytest.mark.parametrize("sms", [132, 108], ids=["H100", "A100"])
+def test_split_k_chunks_fill_one_or_two_waves(sms):
+    """E=4, balanced routing: the dW launches make one to two waves of programs (or one chunk per
+    expert when that alone is more), so the fp32 partials are few (and none when each expert is one chunk)."""
+    E = 4
+    for T in (1024, 4096, 16384, 65536):
+        for M, N in ((3072, 768), (768, 3072), (768, 768)):
+            cfg = tm._default_config("dw", 1 << (T - 1).bit_length(), 768, 3072, E, torch.bfloat16, False)
+            chunk = tm._dw_chunk(T, M, N, E, cfg, sms)
+            tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+            chunks = E * -(-(T // E) // chunk)
+            assert chunk % cfg.block_k == 0
+            if tiles * E >= 2 * sms:
+                assert chunks == E, (T, M, N, chunk)
+            else:
+                assert sms <= tiles * chunks <= 2 * sms + tiles * E, (T, M, N, chunk, tiles * chunks)
 
 
 def test_no_host_sync_in_the_triton_path():
