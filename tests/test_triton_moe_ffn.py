@@ -175,6 +175,20 @@ def test_split_k_with_many_chunks_per_expert():
         check(f"d{name}", g, w, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("routing", ["random", "empty"])
+def test_split_k_reduce_in_the_last_chunk(routing):
+    """Several chunks per expert reduced by the last one to finish (semaphore + ordered sum over
+    32-row tiles in 16-row slices), single-chunk experts stored directly, an empty expert
+    cleared by a surplus chunk: dW1, dW2 and both biases against the reference."""
+    inputs, plan = make_case(150, 24, 40, 3, torch.float32, True, routing, seed=11)
+    grad_out = torch.randn(150, 24, device=DEVICE)
+    _, want = reference(inputs, plan, grad_out)
+    with tm.override_config(gemm=tm.MoEFFNConfig(16, 16, 16), dw=tm.MoEFFNConfig(32, 16, 16, chunk=32)):
+        _, got = run_public(inputs, plan, grad_out)
+    for name, g, w in zip(NAMES, got, want):
+        check(f"d{name}", g, w, TOL[torch.float32])
+
+
 def test_backend_direct_recompute_and_partial_needs():
     """The contract functions: save_hidden off (backward recomputes H), and grad subsets."""
     inputs, plan = make_case(37, 40, 24, 4, torch.float32, True, seed=6)

@@ -454,8 +454,6 @@ def _moe_ffn_dw_kernel(
     n_mask = offs_n < N
     e64 = e.to(tl.int64)
     if COMPUTE_W:
-        w_off = offs_m[:, None] * N + offs_n[None, :]
-        w_mask = m_mask[:, None] & n_mask[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         offs_k = tl.arange(0, BLOCK_K)  # an empty expert's surplus chunk runs no step
         row_stop = tl.minimum(row_start + CHUNK, row_end)
@@ -480,6 +478,8 @@ def _moe_ffn_dw_kernel(
                 lt = lt.to(tl.float32)
                 rt = rt.to(tl.float32)
             acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
+        w_off = offs_m[:, None] * N + offs_n[None, :]  # after the loop: a live [M, N] int tile would spill
+        w_mask = m_mask[:, None] & n_mask[None, :]
         if c_end - c_first <= 1:  # the expert's only chunk, or a surplus chunk clearing an empty expert
             tl.store(DW_ptr + e64 * M * N + w_off, acc.to(DW_ptr.dtype.element_ty), mask=w_mask)
         else:
@@ -488,12 +488,18 @@ def _moe_ffn_dw_kernel(
             tl.debug_barrier()  # every thread's partial is stored before the (one-thread) release below
             done = tl.atomic_add(SEM_ptr + e * tl.num_programs(0) + pid, 1, sem="acq_rel")
             if done == c_end - c_first - 1:  # the last chunk of (expert, tile) to finish
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                pw_ptrs = PW_ptr + c_first * M * N + w_off
-                for _ in range(c_first, c_end):
-                    total += tl.load(pw_ptrs, mask=w_mask, other=0.0, cache_modifier=".cg")  # L2, not a stale L1
-                    pw_ptrs += M * N
-                tl.store(DW_ptr + e64 * M * N + w_off, total.to(DW_ptr.dtype.element_ty), mask=w_mask)
+                # Summed in 16-row slices (acc is dead by now): a full fp32 tile plus its 64-bit pointers
+                # spilled at 128 x 128. .cg: read from L2, where the other chunks' stores are, not a stale L1.
+                for i in tl.static_range(0, BLOCK_M, 16):
+                    rows = pid_m * BLOCK_M + i + tl.arange(0, 16)
+                    r_off = rows[:, None] * N + offs_n[None, :]
+                    r_mask = (rows < M)[:, None] & n_mask[None, :]
+                    pw_slab = PW_ptr + c_first * M * N
+                    total = tl.load(pw_slab + r_off, mask=r_mask, other=0.0, cache_modifier=".cg")
+                    for _ in range(c_first + 1, c_end):
+                        pw_slab += M * N
+                        total += tl.load(pw_slab + r_off, mask=r_mask, other=0.0, cache_modifier=".cg")
+                    tl.store(DW_ptr + e64 * M * N + r_off, total.to(DW_ptr.dtype.element_ty), mask=r_mask)
     if COMPUTE_B:
         if pid_n == 0:
             if (chunk == c_first) | (c_end == c_first):  # the expert's first chunk, or the one clearing it
