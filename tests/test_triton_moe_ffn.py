@@ -407,7 +407,7 @@ from moebert_kernels.triton import moe_ffn as tm, moe_ffn_kernels as K
 FULL = os.environ.get("MOEBERT_AOT_FULL") == "1"
 SMEM = {80: 166912, 90: 232448}  # max dynamic shared memory per block, bytes
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FP32_PTRS = ("DGATE_ptr", "DB_ptr", "PW_ptr", "PB_ptr")
+FP32_PTRS = ("DGATE_ptr", "DB_ptr", "DB2_ptr", "PW_ptr", "PB_ptr")
 
 def build(kernel, consts, dt, cfg, arch, div=True):
     sig, attrs = {}, {}
@@ -415,12 +415,13 @@ def build(kernel, consts, dt, cfg, arch, div=True):
         if n in consts:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = "*" + ("i64" if n in ("tok_ptr", "offsets_ptr") else "fp32" if n in FP32_PTRS else dt)
+            sig[n] = "*" + ("i64" if n in ("tok_ptr", "offsets_ptr") else "i32" if n == "SEM_ptr" else
+                            "fp32" if n in FP32_PTRS else dt)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[n] = "i32"
             # What the JIT's divisibility specialization sees at d=768, h=3072 (div=False: odd sizes).
-            if div and n not in ("E", "T", "CHUNK"):
+            if div and n not in ("E", "T", "CHUNK", "CHUNK_B"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
@@ -429,16 +430,32 @@ def build(kernel, consts, dt, cfg, arch, div=True):
     assert k.metadata.shared <= SMEM[arch], (kernel.__name__, cfg, arch, k.metadata.shared)
     return k
 
+def spill_bytes(k):
+    # Stack + local bytes per thread in the cubin (cuobjdump ships with triton's NVIDIA backend).
+    import re, subprocess, tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    m = re.search(r"STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage.stdout)
+    return int(m[1]) + int(m[2])
+
 def variants(kind, dtype, cfg, everything):
     # Unit strides are constexpr 1 at run time (the JIT specializes ints equal to 1), as here.
     prec = "ieee" if dtype == torch.float32 else "tf32"
     blk = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, E_POW2=4, UPCAST=False, PRECISION=prec)
-    if kind == "gemm":
+    if kind == "hidden":
+        out = [("bwd_hidden", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=1, GATED=False, B2_DOT=True, HAS_GATE=True,
+                STORE_DH=True, STORE_ACT=True, DGATE=True, STORE_DB=True, STORE_DB2=True, ROW_PASS=True, stride_wn=1,
+                EVEN_K=True, **blk), True)]
+        more = [("bwd_hidden_min", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=2, GATED=False, B2_DOT=False,
+                 HAS_GATE=False, STORE_DH=True, STORE_ACT=False, DGATE=False, STORE_DB=False, STORE_DB2=False,
+                 ROW_PASS=False, stride_wn=1, EVEN_K=False, **blk), False)]
+    elif kind == "gemm":
         out = [("up", K._moe_ffn_up_kernel, dict(ACTIVATION=0, GATED=False, HAS_BIAS=True, STORE_ACT=True,
                                                   STORE_H=True, stride_wk=1, EVEN_K=True, **blk), True)]
         more = [
-            ("bwd_hidden", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=1, GATED=False, B2_DOT=True, HAS_GATE=True,
-             STORE_DH=True, STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, **blk), True),
             ("down_fwd", K._moe_ffn_down_kernel, dict(HAS_BIAS=True, HAS_GATE=True, HAS_ADD=False, stride_wk=1,
              EVEN_K=True, **blk), True),
             ("down_dx_oddK", K._moe_ffn_down_kernel, dict(HAS_BIAS=False, HAS_GATE=False, HAS_ADD=True, stride_wn=1,
@@ -446,25 +463,22 @@ def variants(kind, dtype, cfg, everything):
              **blk), False),
             ("up_oddK_tf32", K._moe_ffn_up_kernel, dict(ACTIVATION=2, GATED=False, HAS_BIAS=True, STORE_ACT=True,
              STORE_H=False, stride_wk=1, EVEN_K=False, **dict(blk, PRECISION="tf32")), False),
-            ("bwd_hidden_min", K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=2, GATED=False, B2_DOT=False,
-             HAS_GATE=False, STORE_DH=True, STORE_ACT=False, DGATE=False, STORE_DB=False, stride_wn=1, EVEN_K=False,
-             **blk), False),
         ]
     else:
-        out = [("dw2", K._moe_ffn_dw_kernel, dict(L_GATHER=True, L_GATE=True, R_GATHER=False, LOAD_TOK=True,
-                                                   COMPUTE_W=True, COMPUTE_B=True, **blk), True)]
+        out = [("dw2", K._moe_ffn_dw_kernel, dict(L_GATHER=True, R_GATHER=False, LOAD_TOK=True, COMPUTE_W=True,
+                                                   COMPUTE_B=True, **blk), True)]
         more = [
-            ("dw1", K._moe_ffn_dw_kernel, dict(L_GATHER=False, L_GATE=False, R_GATHER=True, LOAD_TOK=True,
-             COMPUTE_W=True, COMPUTE_B=False, **blk), True),
-            ("db2_only", K._moe_ffn_dw_kernel, dict(L_GATHER=True, L_GATE=False, R_GATHER=False, LOAD_TOK=True,
-             COMPUTE_W=False, COMPUTE_B=True, **blk), False),
+            ("dw1", K._moe_ffn_dw_kernel, dict(L_GATHER=False, R_GATHER=True, LOAD_TOK=True, COMPUTE_W=True,
+             COMPUTE_B=True, **blk), True),
+            ("db2_only", K._moe_ffn_dw_kernel, dict(L_GATHER=True, R_GATHER=False, LOAD_TOK=True, COMPUTE_W=False,
+             COMPUTE_B=True, **blk), False),
         ]
     return out + more if everything else out + more[:1]  # more[:1]: the other operand layout
 
 # Every config the GPU heuristic can choose (BERT-base and -large sizes, 1..64 experts, 16..65536 tokens).
 cfgs = {}
 for dtype in TY:
-    for kind in ("gemm", "dw"):
+    for kind in ("gemm", "hidden", "dw"):
         for T in [1 << i for i in range(4, 17)]:
             for E in (1, 2, 4, 8, 16, 64):
                 for d, h in ((768, 3072), (1024, 4096)):
@@ -480,8 +494,8 @@ for arch in (90, 80):
         is_largest = largest[(kind, dtype)] == cfg
         if FULL:
             todo = variants(kind, dtype, cfg, True)
-        elif dtype == torch.float16 or (not is_largest and (arch == 80 or dtype == torch.float32)):
-            continue  # CI: bf16 every tile on sm_90; the largest tiles otherwise
+        elif dtype == torch.float16 or (not is_largest and (dtype == torch.float32 or (arch == 80 and kind != "hidden"))):
+            continue  # CI: bf16 every tile on sm_90 (and every bwd-hidden tile on sm_80); the largest tiles otherwise
         else:  # GEMM1 (w read transposed), plus the bwd hidden / dW1 kernels (w as stored) at the largest bf16 tile
             todo = variants(kind, dtype, cfg, False)[:2 if is_largest and dtype == torch.bfloat16 else 1]
             if arch == 80 and (kind, dtype) in (("dw", torch.float32), ("dw", torch.bfloat16)):
@@ -490,18 +504,19 @@ for arch in (90, 80):
             k = build(kern, consts, TY[dtype], cfg, arch, div=even)
             n += 1
             ptx = k.asm["ptx"]
-            if even and dtype != torch.float32 and kind == "gemm":
+            if kind != "gemm" and dtype == torch.bfloat16:  # the kernels whose epilogues spilled before
+                assert spill_bytes(k) == 0, ("spills", name, cfg, arch, spill_bytes(k))
+            if even and dtype != torch.float32 and kind in ("gemm", "hidden"):
                 assert "cp.async" in ptx, ("operand loads are not pipelined", name, cfg, arch)
                 if arch == 90 and cfg.block_m >= 64:
                     assert "wgmma" in ptx, ("no Hopper wgmma", name, cfg)
             if even and dtype != torch.float32 and kind == "dw" and arch == 90:
                 assert "wgmma" in ptx, ("no Hopper wgmma", name, cfg)
-    build(K._moe_ffn_dw_reduce_kernel, dict(E_POW2=4, BLOCK=tm._REDUCE_BLOCK), "bf16", tm.MoEFFNConfig(16, 16, 16, 4, 3),
-          arch)
 # Gated experts (ModernBERT's GeGLU, no biases): up and bwd-hidden kernels at the largest tiles, both archs.
 for arch in (90, 80):
     for dtype in (torch.bfloat16, torch.float32):
         cfg = largest[("gemm", dtype)]
+        hcfg = largest[("hidden", dtype)]
         prec = "ieee" if dtype == torch.float32 else "tf32"
         blk = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, E_POW2=4, UPCAST=False,
                    PRECISION=prec)
@@ -509,14 +524,17 @@ for arch in (90, 80):
                   stride_wk=1, EVEN_K=True, **blk), TY[dtype], cfg, arch)
         if dtype != torch.float32:
             assert "cp.async" in k.asm["ptx"], ("gated up: operand loads are not pipelined", cfg, arch)
-        build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, GATED=True, B2_DOT=False, HAS_GATE=True, STORE_DH=True,
-              STORE_ACT=True, DGATE=True, STORE_DB=False, stride_wn=1, EVEN_K=True, **blk), TY[dtype], cfg, arch)
+        hblk = dict(blk, BLOCK_M=hcfg.block_m, BLOCK_N=hcfg.block_n, BLOCK_K=hcfg.block_k)
+        k = build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, GATED=True, B2_DOT=False, HAS_GATE=True,
+                  STORE_DH=True, STORE_ACT=True, DGATE=True, STORE_DB=False, STORE_DB2=False, ROW_PASS=False,
+                  stride_wn=1, EVEN_K=True, **hblk), TY[dtype], hcfg, arch)
+        assert dtype == torch.float32 or spill_bytes(k) == 0, ("gated bwd_hidden spills", hcfg, arch, spill_bytes(k))
         n += 2
 # E == 1 and T == 1 become constexpr 1 under the JIT's specialization.
 build(K._moe_ffn_bwd_hidden_kernel, dict(ACTIVATION=0, GATED=False, B2_DOT=True, HAS_GATE=True, STORE_DH=True,
-      STORE_ACT=True, DGATE=True, STORE_DB=True, stride_wn=1, EVEN_K=True, E=1, T=1, BLOCK_M=16, BLOCK_N=64,
+      STORE_ACT=True, DGATE=True, STORE_DB=True, STORE_DB2=True, ROW_PASS=True, stride_wn=1, EVEN_K=True, E=1, T=1, BLOCK_M=16, BLOCK_N=64,
       BLOCK_K=128, E_POW2=2, UPCAST=False, PRECISION="tf32"), "bf16", tm.MoEFFNConfig(16, 64, 128, 4, 4), 90)
-print(n + 3, "compiled ok")
+print(n + 1, "compiled ok")
 """
 
 
