@@ -10,14 +10,18 @@ Forward (2 launches, nothing permuted in memory):
     down: y[sorted_token_ids[r]] = g * (A[r] W2[e]^T + b2[e])         (plain scatter store:
           top-1 writes each token exactly once, so no atomics)
 Backward (G = grad_out, token order):
-    hidden: P = G[tok] W2[e] (gather); dH = g * P * act'(H); A = act(H) for dW2;
-            dgate = rowsum(A * P) + G . b2  (== rowsum(G * (W2 a + b2)), no ungated output needed);
-            db1 partials = column sums of the fp32 dH tile (so dW1's operands stay pure MMA inputs)
+    hidden: P = G[tok] W2[e] (gather); dH = g * P * act'(H); g * act(H) for dW2 (the gate folded
+            before its MMA); dgate = rowsum(act(H) * P) + G . b2 (== rowsum(G * (W2 a + b2)), no ungated
+            output needed); db1 partials = column sums of the fp32 dH tile. Only the first column tile
+            reads its G rows once more for G . b2 and the db2 partials (colsum g G): not every N tile.
+            Its own config kind ("hidden", 64-column tiles): the epilogue keeps ~5 fp32 tiles live.
     dX:     dx[tok] = dH W1[e]  (the forward's down kernel with w1 read untransposed)
-    dW:     dW1[e] = dH^T x[tok]; dW2[e] = (g G[tok])^T A, db2[e] = colsum g G[tok].
-            Split-K over tokens: chunks of CHUNK rows inside one expert each write an fp32
-            partial slab, then one reduce launch per weight sums an expert's chunks in a
-            fixed order, so the result is deterministic (no float atomics).
+    dW:     dW1[e] = dH^T x[tok]; dW2[e] = G[tok]^T (g act(H)); both operands plain loads.
+            Split-K over tokens in chunks sized to one or two waves of the GPU; an expert that fits
+            one chunk stores dW directly, otherwise the last of its chunks to finish (a per-tile
+            semaphore) sums all the fp32 partials in chunk order (deterministic, no float atomics,
+            no extra launch). db1/db2: the first chunk of each expert sums the hidden kernel's
+            per-row-tile partials in order.
 
 Gated activations (``"geglu"`` etc., w1 [E, 2h, d]): the up kernel runs a second
 accumulator over the g rows and writes act(a) * g; H is [T, 2h] (a, then g); the hidden
@@ -45,10 +49,11 @@ Interpreter: under ``TRITON_INTERPRET=1`` ``tl.dot`` on bf16 inputs returns garb
 (Triton 3.9), so the launchers set ``UPCAST`` and the kernels cast dot operands to fp32
 there. On a GPU ``UPCAST`` is False and bf16 goes to the tensor cores as is.
 
-Configs: ``get_config(kind, T, d, h, E, dtype)`` keys on (kind, token bucket, d, h, E,
-dtype) and returns a heuristic default (no autotuning at first call); under the
-interpreter it returns tiny blocks. ``override_config`` swaps them in tests and
-benchmarks. The defaults are not yet tuned on a GPU.
+Configs: ``get_config(kind, T, d, h, E, dtype, gpu)`` for kind "gemm" (up, down, dX), "hidden"
+and "dw": an ``override_config`` (tests, tuning), else the tuned file of this GPU and shape
+(``configs/``, written by ``benchmarks/tune_triton.py``; nearest token bucket), else a heuristic
+(no autotuning at first call); under the interpreter, tiny blocks. No tuned file ships yet: the
+heuristic has not been checked on a GPU.
 """
 from __future__ import annotations
 
@@ -89,7 +94,7 @@ _MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 class MoEFFNConfig:
     """Launch settings of one kernel kind.
 
-    ``kind="gemm"`` (up, down, bwd hidden, dX): BLOCK_M rows x BLOCK_N columns, BLOCK_K deep.
+    ``kind="gemm"`` (up, down, dX) and ``"hidden"`` (bwd hidden): BLOCK_M rows x BLOCK_N columns, BLOCK_K deep.
     ``kind="dw"``: BLOCK_M x BLOCK_N of the weight gradient, BLOCK_K tokens per step,
     ``chunk`` tokens per split-K chunk (0: chosen from T and the GPU's SM count).
     """
