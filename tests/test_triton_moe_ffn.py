@@ -164,26 +164,18 @@ def test_exact_erf_gelu_not_tanh():
     assert rel_err(out, erf) < 1e-5 < rel_err(out, tanh)
 
 
-def test_split_k_with_many_chunks_per_expert():
-    # 150 tokens on 2 experts with 16-token chunks: ~5 chunks per expert, reduced in order.
-    inputs, plan = make_case(150, 24, 40, 2, torch.float32, True, seed=5)
+@pytest.mark.parametrize("E, routing, gemm, dw, seed", [
+    (2, "random", (32, 16, 16), (16, 16, 16, 4, 3, 16), 5),  # ~5 chunks per expert, 16-row dW tiles
+    (3, "random", (16, 16, 16), (32, 16, 16, 4, 3, 32), 11),  # 32-row dW tiles: summed in two 16-row slices
+    (3, "empty", (16, 16, 16), (32, 16, 16, 4, 3, 32), 11),  # expert 1 empty: a surplus chunk clears it
+], ids=["16-row", "32-row", "empty-expert"])
+def test_split_k_reduce_in_the_last_chunk(E, routing, gemm, dw, seed):
+    """Several chunks per expert reduced by the last one to finish (semaphore + ordered sum), experts
+    that fit one chunk stored directly: dW1, dW2 and both biases against the reference."""
+    inputs, plan = make_case(150, 24, 40, E, torch.float32, True, routing, seed=seed)
     grad_out = torch.randn(150, 24, device=DEVICE)
     _, want = reference(inputs, plan, grad_out)
-    with tm.override_config(gemm=tm.MoEFFNConfig(32, 16, 16), dw=tm.MoEFFNConfig(16, 16, 16, chunk=16)):
-        _, got = run_public(inputs, plan, grad_out)
-    for name, g, w in zip(NAMES, got, want):
-        check(f"d{name}", g, w, TOL[torch.float32])
-
-
-@pytest.mark.parametrize("routing", ["random", "empty"])
-def test_split_k_reduce_in_the_last_chunk(routing):
-    """Several chunks per expert reduced by the last one to finish (semaphore + ordered sum over
-    32-row tiles in 16-row slices), single-chunk experts stored directly, an empty expert
-    cleared by a surplus chunk: dW1, dW2 and both biases against the reference."""
-    inputs, plan = make_case(150, 24, 40, 3, torch.float32, True, routing, seed=11)
-    grad_out = torch.randn(150, 24, device=DEVICE)
-    _, want = reference(inputs, plan, grad_out)
-    with tm.override_config(gemm=tm.MoEFFNConfig(16, 16, 16), dw=tm.MoEFFNConfig(32, 16, 16, chunk=32)):
+    with tm.override_config(gemm=tm.MoEFFNConfig(*gemm), dw=tm.MoEFFNConfig(*dw)):
         _, got = run_public(inputs, plan, grad_out)
     for name, g, w in zip(NAMES, got, want):
         check(f"d{name}", g, w, TOL[torch.float32])

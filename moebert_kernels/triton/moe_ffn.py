@@ -193,39 +193,27 @@ def _warn_untuned(device, d, h, E):
                   "moe_ffn", {"d": d, "h": h, "E": E}, device))
 
 
+# The heuristic as data, per kind: (up to this many tokens per expert, (block_m, block_n, block_k,
+# num_warps, num_stages)); the first row that holds wins. Few tokens per expert: the GEMMs are
+# weight-read bound, so many thin programs stream the weights in parallel. "hidden": its epilogue
+# holds P, H, act(H), act'(H) (and the g half when gated) as fp32 tiles, so 64 columns and 32 tile
+# elements per thread keep it under 255 registers (128 columns spilled 0.6-1.3 KB).
+_HEURISTIC = {
+    "gemm": ((32, (16, 64, 128, 4, 4)), (64, (32, 64, 128, 4, 4)), (256, (64, 64, 64, 4, 4)),
+             (1024, (64, 128, 64, 4, 4)), (float("inf"), (128, 128, 64, 8, 4))),
+    "hidden": ((32, (16, 64, 128, 4, 4)), (64, (32, 64, 128, 4, 4)), (1024, (64, 64, 64, 4, 4)),
+               (float("inf"), (128, 64, 64, 8, 4))),
+    "dw": ((256, (64, 64, 32, 4, 4)), (float("inf"), (128, 128, 64, 8, 4))),
+}
+
+
 @lru_cache(maxsize=None)
 def _default_config(kind, bucket, d, h, E, dtype, interpret) -> MoEFFNConfig:
     if interpret:
         # Small tiles keep the CPU interpreter fast and make tiny test shapes span several tiles.
         return MoEFFNConfig(16, 32, 16, chunk=32 if kind == "dw" else 0)
     per_expert = bucket // E  # tokens per expert if the routing is balanced
-    if kind == "gemm":
-        if per_expert <= 32:  # weight-read bound: many thin programs stream the weights in parallel
-            bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
-        elif per_expert <= 64:
-            bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
-        elif per_expert <= 256:
-            bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
-        elif per_expert <= 1024:
-            bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
-        else:
-            bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
-    elif kind == "hidden":
-        # Its epilogue holds P, H, act(H), act'(H) (and the g half when gated) as fp32 tiles: 64 columns
-        # and 32 tile elements per thread keep it under 255 registers (128 columns spilled 0.6-1.3 KB).
-        if per_expert <= 32:
-            bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
-        elif per_expert <= 64:
-            bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
-        elif per_expert <= 1024:
-            bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
-        else:
-            bm, bn, bk, warps, stages = 128, 64, 64, 8, 4
-    else:
-        if per_expert <= 256:
-            bm, bn, bk, warps, stages = 64, 64, 32, 4, 4
-        else:
-            bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
+    bm, bn, bk, warps, stages = next(cfg for limit, cfg in _HEURISTIC[kind] if per_expert <= limit)
     if dtype == torch.float32:  # 4-byte operands: halve the depth so the stages fit in shared memory
         bk, stages = max(16, bk // 2), min(stages, 3)
     return MoEFFNConfig(bm, bn, bk, warps, stages)
