@@ -79,7 +79,7 @@ def test_moe_ffn_launches_inside_a_device_context(launches):
     gate = torch.rand(T, generator=g).requires_grad_()
     moe_ffn(leaves[0], plan, *leaves[1:], gate=gate, backend="triton").sum().backward()
     _check(launches, ["_moe_ffn_up_kernel", "_moe_ffn_down_kernel", "_moe_ffn_bwd_hidden_kernel",
-                      "_moe_ffn_dw_kernel", "_moe_ffn_dw_reduce_kernel"])
+                      "_moe_ffn_dw_kernel"])
 
 
 def test_expert_layer_norm_launches_inside_a_device_context(launches):

@@ -10,14 +10,18 @@ Forward (2 launches, nothing permuted in memory):
     down: y[sorted_token_ids[r]] = g * (A[r] W2[e]^T + b2[e])         (plain scatter store:
           top-1 writes each token exactly once, so no atomics)
 Backward (G = grad_out, token order):
-    hidden: P = G[tok] W2[e] (gather); dH = g * P * act'(H); A = act(H) for dW2;
-            dgate = rowsum(A * P) + G . b2  (== rowsum(G * (W2 a + b2)), no ungated output needed);
-            db1 partials = column sums of the fp32 dH tile (so dW1's operands stay pure MMA inputs)
+    hidden: P = G[tok] W2[e] (gather); dH = g * P * act'(H); g * act(H) for dW2 (the gate folded
+            before its MMA); dgate = rowsum(act(H) * P) + G . b2 (== rowsum(G * (W2 a + b2)), no ungated
+            output needed); db1 partials = column sums of the fp32 dH tile. Only the first column tile
+            reads its G rows once more for G . b2 and the db2 partials (colsum g G): not every N tile.
+            Its own config kind ("hidden", 64-column tiles): the epilogue keeps ~5 fp32 tiles live.
     dX:     dx[tok] = dH W1[e]  (the forward's down kernel with w1 read untransposed)
-    dW:     dW1[e] = dH^T x[tok]; dW2[e] = (g G[tok])^T A, db2[e] = colsum g G[tok].
-            Split-K over tokens: chunks of CHUNK rows inside one expert each write an fp32
-            partial slab, then one reduce launch per weight sums an expert's chunks in a
-            fixed order, so the result is deterministic (no float atomics).
+    dW:     dW1[e] = dH^T x[tok]; dW2[e] = G[tok]^T (g act(H)); both operands plain loads.
+            Split-K over tokens in chunks sized to one or two waves of the GPU; an expert that fits
+            one chunk stores dW directly, otherwise the last of its chunks to finish (a per-tile
+            semaphore) sums all the fp32 partials in chunk order (deterministic, no float atomics,
+            no extra launch). db1/db2: the first chunk of each expert sums the hidden kernel's
+            per-row-tile partials in order.
 
 Gated activations (``"geglu"`` etc., w1 [E, 2h, d]): the up kernel runs a second
 accumulator over the g rows and writes act(a) * g; H is [T, 2h] (a, then g); the hidden
@@ -45,14 +49,16 @@ Interpreter: under ``TRITON_INTERPRET=1`` ``tl.dot`` on bf16 inputs returns garb
 (Triton 3.9), so the launchers set ``UPCAST`` and the kernels cast dot operands to fp32
 there. On a GPU ``UPCAST`` is False and bf16 goes to the tensor cores as is.
 
-Configs: ``get_config(kind, T, d, h, E, dtype)`` keys on (kind, token bucket, d, h, E,
-dtype) and returns a heuristic default (no autotuning at first call); under the
-interpreter it returns tiny blocks. ``override_config`` swaps them in tests and
-benchmarks. The defaults are not yet tuned on a GPU.
+Configs: ``get_config(kind, T, d, h, E, dtype, gpu)`` for kind "gemm" (up, down, dX), "hidden"
+and "dw": an ``override_config`` (tests, tuning), else the tuned file of this GPU and shape
+(``configs/``, written by ``benchmarks/tune_triton.py``; nearest token bucket), else a heuristic
+(no autotuning at first call); under the interpreter, tiny blocks. No tuned file ships yet: the
+heuristic has not been checked on a GPU.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -63,6 +69,7 @@ import triton
 from torch import Tensor
 
 from ..ops.moe_ffn import GATED_ACTIVATIONS
+from . import configs as tuned_configs
 from . import on_input_device
 from .moe_ffn_kernels import (
     ACT_GELU,
@@ -71,25 +78,23 @@ from .moe_ffn_kernels import (
     _moe_ffn_bwd_hidden_kernel,
     _moe_ffn_down_kernel,
     _moe_ffn_dw_kernel,
-    _moe_ffn_dw_reduce_kernel,
     _moe_ffn_up_kernel,
 )
 
-__all__ = ["SAVES_HIDDEN", "MoEFFNConfig", "get_config", "moe_ffn_forward", "moe_ffn_backward", "override_config"]
+__all__ = ["SAVES_HIDDEN", "MoEFFNConfig", "get_config", "gpu_name", "moe_ffn_forward", "moe_ffn_backward", "override_config"]
 
 SAVES_HIDDEN = True
 
 _ACT_CODES = {"gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
-_REDUCE_BLOCK = 1024  # elements per reduce program: a streaming sum, 4 warps keep it bandwidth-bound
 
 
 @dataclass(frozen=True)
 class MoEFFNConfig:
     """Launch settings of one kernel kind.
 
-    ``kind="gemm"`` (up, down, bwd hidden, dX): BLOCK_M rows x BLOCK_N columns, BLOCK_K deep.
+    ``kind="gemm"`` (up, down, dX) and ``"hidden"`` (bwd hidden): BLOCK_M rows x BLOCK_N columns, BLOCK_K deep.
     ``kind="dw"``: BLOCK_M x BLOCK_N of the weight gradient, BLOCK_K tokens per step,
     ``chunk`` tokens per split-K chunk (0: chosen from T and the GPU's SM count).
     """
@@ -110,17 +115,22 @@ class MoEFFNConfig:
             raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
 
 
+_KINDS = ("gemm", "hidden", "dw")
 _OVERRIDES: dict[str, MoEFFNConfig] = {}
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def override_config(gemm: Optional[MoEFFNConfig] = None, dw: Optional[MoEFFNConfig] = None):
-    """Use these configs for every call inside the block (tests, benchmarks, tuning)."""
+def override_config(gemm: Optional[MoEFFNConfig] = None, dw: Optional[MoEFFNConfig] = None,
+                    hidden: Optional[MoEFFNConfig] = None):
+    """Use these configs for every call inside the block (tests, benchmarks, tuning).
+
+    ``hidden`` (the backward's first kernel) defaults to ``gemm`` when only that is given.
+    """
     saved = dict(_OVERRIDES)
-    if gemm is not None:
-        _OVERRIDES["gemm"] = gemm
-    if dw is not None:
-        _OVERRIDES["dw"] = dw
+    for kind, cfg in (("gemm", gemm), ("hidden", hidden if hidden is not None else gemm), ("dw", dw)):
+        if cfg is not None:
+            _OVERRIDES[kind] = cfg
     try:
         yield
     finally:
@@ -132,14 +142,69 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def get_config(kind: str, T: int, d: int, h: int, E: int, dtype: torch.dtype) -> MoEFFNConfig:
-    """The config for ``kind`` ("gemm" or "dw") at this problem size."""
-    if kind not in ("gemm", "dw"):
-        raise ValueError(f"kind must be 'gemm' or 'dw', got {kind!r}")
+def gpu_name(device: torch.device) -> Optional[str]:
+    """The GPU's name as the tuned config files spell it, or None (CPU, interpreter: no tuned configs)."""
+    if device.type != "cuda" or _interpreting():
+        return None
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
+
+
+def get_config(kind: str, T: int, d: int, h: int, E: int, dtype: torch.dtype,
+               gpu: Optional[str] = None) -> MoEFFNConfig:
+    """The config for ``kind`` ("gemm": up, down, dX; "hidden": the backward's first kernel; "dw")
+    at this problem size: an override, else the tuned file of GPU ``gpu`` (a name from
+    ``gpu_name``) for (d, h, E), nearest token bucket, else the heuristic."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     if kind in _OVERRIDES:
         return _OVERRIDES[kind]
+    if gpu is not None:
+        cfg = _tuned_config(kind, T, d, h, E, dtype, gpu)
+        if cfg is not None:
+            return cfg
     bucket = 1 << max(4, min(16, (max(T, 1) - 1).bit_length()))  # 16 .. 65536 tokens
     return _default_config(kind, bucket, d, h, E, dtype, _interpreting())
+
+
+def _tuned_config(kind, T, d, h, E, dtype, device) -> Optional[MoEFFNConfig]:
+    shape = {"d": d, "h": h, "E": E}
+    entry = tuned_configs.lookup(tuned_configs.load_table("moe_ffn", shape, device), kind,
+                                 str(dtype).replace("torch.", ""), T)
+    if entry is None:
+        _warn_untuned(device, d, h, E)
+        return None
+    try:
+        return MoEFFNConfig(**entry)
+    except ValueError as err:
+        raise ValueError(f"tuned moe_ffn config {kind}/{dtype}/T~{T} for {device} at {shape}: {err}; fix the file "
+                         f"({tuned_configs.config_file_name('moe_ffn', shape, device)}) or rerun "
+                         f"benchmarks/tune_triton.py") from err
+
+
+@lru_cache(maxsize=None)
+def _warn_untuned(device, d, h, E):
+    _log.info("no tuned moe_ffn Triton configs for %s at d=%d h=%d E=%d (%s): using the heuristic; "
+              "benchmarks/tune_triton.py writes them", device, d, h, E, tuned_configs.config_file_name(
+                  "moe_ffn", {"d": d, "h": h, "E": E}, device))
+
+
+# The heuristic as data, per kind: (up to this many tokens per expert, (block_m, block_n, block_k,
+# num_warps, num_stages)); the first row that holds wins. Few tokens per expert: the GEMMs are
+# weight-read bound, so many thin programs stream the weights in parallel. "hidden": its epilogue
+# holds P, H, act(H), act'(H) (and the g half when gated) as fp32 tiles, so 64 columns and 32 tile
+# elements per thread keep it under 255 registers (128 columns spilled 0.6-1.3 KB).
+_HEURISTIC = {
+    "gemm": ((32, (16, 64, 128, 4, 4)), (64, (32, 64, 128, 4, 4)), (256, (64, 64, 64, 4, 4)),
+             (1024, (64, 128, 64, 4, 4)), (float("inf"), (128, 128, 64, 8, 4))),
+    "hidden": ((32, (16, 64, 128, 4, 4)), (64, (32, 64, 128, 4, 4)), (1024, (64, 64, 64, 4, 4)),
+               (float("inf"), (128, 64, 64, 8, 4))),
+    "dw": ((256, (64, 64, 32, 4, 4)), (float("inf"), (128, 128, 64, 8, 4))),
+}
 
 
 @lru_cache(maxsize=None)
@@ -148,22 +213,7 @@ def _default_config(kind, bucket, d, h, E, dtype, interpret) -> MoEFFNConfig:
         # Small tiles keep the CPU interpreter fast and make tiny test shapes span several tiles.
         return MoEFFNConfig(16, 32, 16, chunk=32 if kind == "dw" else 0)
     per_expert = bucket // E  # tokens per expert if the routing is balanced
-    if kind == "gemm":
-        if per_expert <= 32:  # weight-read bound: many thin programs stream the weights in parallel
-            bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
-        elif per_expert <= 64:
-            bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
-        elif per_expert <= 256:
-            bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
-        elif per_expert <= 1024:
-            bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
-        else:
-            bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
-    else:
-        if per_expert <= 256:
-            bm, bn, bk, warps, stages = 64, 64, 32, 4, 4
-        else:
-            bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
+    bm, bn, bk, warps, stages = next(cfg for limit, cfg in _HEURISTIC[kind] if per_expert <= limit)
     if dtype == torch.float32:  # 4-byte operands: halve the depth so the stages fit in shared memory
         bk, stages = max(16, bk // 2), min(stages, 3)
     return MoEFFNConfig(bm, bn, bk, warps, stages)
@@ -174,16 +224,29 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _dw_chunk(T: int, M: int, N: int, cfg: MoEFFNConfig, device: torch.device) -> int:
-    """Tokens per split-K chunk: enough programs for ~4 waves, at least 4 K-steps each."""
+_DW_WAVES = 2  # split-K chunks fill about this many waves of the GPU: enough to hide a wave tail, few partials
+
+
+def _sms(device: torch.device) -> int:
+    """The GPU's SM count (132 on CPU: the interpreter, and tests that model an H100/H200)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _dw_chunk(T: int, M: int, N: int, E: int, cfg: MoEFFNConfig, sms: int) -> int:
+    """Tokens per split-K chunk: about ``_DW_WAVES`` waves of (tile, chunk) programs in all.
+
+    T / chunk chunks at most (+ one partial chunk per expert), whatever the routing, so
+    the fp32 partials (T / chunk slabs of M x N) stay a few MB, within L2; with balanced
+    routing and few SMs per expert each expert is one chunk and no partial is written.
+    """
     if cfg.chunk:
         return cfg.chunk
     bk = cfg.block_k
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    chunk = max(triton.cdiv(T * tiles, 4 * sms), 4 * bk)
-    chunk = triton.cdiv(chunk, bk) * bk
+    chunks = max(E, _DW_WAVES * sms // tiles)  # at least one per expert
+    chunk = triton.cdiv(triton.cdiv(max(T, 1), chunks), bk) * bk
     return min(chunk, triton.cdiv(max(T, 1), bk) * bk)
 
 
@@ -241,43 +304,32 @@ def _launch_down(a, w, stride_w, bias, gate, tok, offsets, out, cfg, common, add
     )
 
 
-def _launch_dw(left, right, gate, tok, offsets, l_gather, r_gather, want_w, want_b, E, dw, db, cfg, common,
-               db_part=None, db_chunk=0):
-    """dw[e] = sum_r L[r]^T R[r], db[e] = sum_r L[r] over expert e's rows (L gate-scaled if gate).
+def _launch_dw(left, right, tok, offsets, l_gather, r_gather, want_w, E, dw, db, db_part, db_chunk, cfg, common):
+    """dw[e] = sum_r L[r]^T R[r] over expert e's rows; db[e] = sum of ``db_part`` rows of expert e (or None).
 
-    ``db_part``/``db_chunk``: db partials computed elsewhere, one row per ``db_chunk``
-    expert-ordered rows; then the dW kernel skips its column sums.
+    ``db_part``: fp32 column sums computed by the hidden kernel, one row per ``db_chunk``
+    expert-ordered rows. Split-K chunks are reduced inside the kernel (see ``_moe_ffn_dw_kernel``).
     """
     T, M = left.shape
     N = right.shape[1]
-    chunk = _dw_chunk(T, M, N, cfg, left.device)
+    chunk = _dw_chunk(T, M, N, E, cfg, _sms(left.device))
     if not cfg.chunk and triton.cdiv(T, chunk) + E > _MAX_GRID_Y:
         # Chunks are grid axis 1, which CUDA caps at 65535 (the interpreter does not): widen them.
         chunk = triton.cdiv(triton.cdiv(T, _MAX_GRID_Y - E), cfg.block_k) * cfg.block_k
-    n_chunks = triton.cdiv(T, chunk) + E  # each expert adds at most one partial chunk
+    n_chunks = triton.cdiv(T, chunk) + E  # each expert adds at most one partial chunk; surplus ones clear empty experts
     if n_chunks > _MAX_GRID_Y:
         raise ValueError(f"dw config chunk={chunk} makes {n_chunks} split-K chunks at T={T}, E={E}; CUDA allows "
                          f"{_MAX_GRID_Y} on grid axis 1: use a larger chunk (or 0 for automatic)")
-    kernel_b = want_b and db_part is None
-    pw = _empty((n_chunks, M, N), torch.float32, left.device) if want_w else None
-    if kernel_b:
-        db_part, db_chunk = _empty((n_chunks, M), torch.float32, left.device), chunk
-    if want_w or kernel_b:
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), n_chunks)
-        _moe_ffn_dw_kernel[grid](
-            left, right, gate if gate is not None else left, tok, offsets,
-            pw if want_w else db_part, db_part if want_b else pw,
-            E, M, N, left.stride(0), right.stride(0), chunk,
-            L_GATHER=l_gather, L_GATE=gate is not None, R_GATHER=r_gather, LOAD_TOK=l_gather or r_gather,
-            COMPUTE_W=want_w, COMPUTE_B=kernel_b,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            E_POW2=common["E_POW2"], UPCAST=common["UPCAST"], PRECISION=common["PRECISION"],
-        )
-    mn, mb = (M * N if want_w else 0), (M if want_b else 0)
-    _moe_ffn_dw_reduce_kernel[(triton.cdiv(mn + mb, _REDUCE_BLOCK), E)](
-        pw if want_w else db_part, db_part if want_b else pw, dw, db, offsets, E, mn, mb, chunk,
-        db_chunk if want_b else chunk, E_POW2=common["E_POW2"], BLOCK=_REDUCE_BLOCK, num_warps=4,
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    pw = _empty((n_chunks, M, N), torch.float32, left.device) if want_w else left
+    sem = torch.zeros((E, tiles), dtype=torch.int32, device=left.device) if want_w else left
+    _moe_ffn_dw_kernel[(tiles, n_chunks)](
+        left, right, tok, offsets, pw, sem, dw, db_part if db_part is not None else left,
+        db if db_part is not None else dw, E, M, N, left.stride(0), right.stride(0), chunk, db_chunk,
+        L_GATHER=l_gather, R_GATHER=r_gather, LOAD_TOK=l_gather or r_gather, COMPUTE_W=want_w,
+        COMPUTE_B=db_part is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        E_POW2=common["E_POW2"], UPCAST=common["UPCAST"], PRECISION=common["PRECISION"],
     )
 
 
@@ -323,7 +375,7 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     hidden = _empty((T, h_up), x.dtype, x.device) if save_hidden else x.new_empty(0)
     if T == 0:
         return out, hidden
-    cfg = get_config("gemm", T, d, h, E, x.dtype)
+    cfg = get_config("gemm", T, d, h, E, x.dtype, gpu_name(x.device))
     act = _empty((T, h), x.dtype, x.device)
     _launch_up(x, w1, b1, sorted_token_ids, expert_offsets, act, hidden if save_hidden else None, activation, cfg,
                common)
@@ -363,32 +415,32 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
             t.zero_()
         return dx, dw1, db1, dw2, db2, dgate
 
-    cfg = get_config("gemm", T, d, h, E, dt)
+    gpu = gpu_name(dev)
+    cfg = get_config("gemm", T, d, h, E, dt, gpu)
+    hcfg = get_config("hidden", T, d, h, E, dt, gpu)
     tok, offsets = sorted_token_ids, expert_offsets
-    act = None
-    if hidden.numel() == 0 and (need_dh or n_w2 or n_g):
+    if hidden.numel() == 0 and (need_dh or n_w2 or n_g or n_b2):  # the hidden kernel reads H
         hidden = _empty((T, h_up), dt, dev)
-        act = _empty((T, h), dt, dev) if n_w2 else None
-        _launch_up(x, w1, b1, tok, offsets, act, hidden, activation, cfg, common)
-    store_act = n_w2 and act is None
-    if need_dh or n_g or store_act:
+        _launch_up(x, w1, b1, tok, offsets, None, hidden, activation, cfg, common)
+    gact = _empty((T, h), dt, dev) if n_w2 else None  # g * act(H), expert order: dW2's right operand
+    dh = _empty((T, h_up), dt, dev) if need_dh else None
+    n_tiles_h = triton.cdiv(h, hcfg.block_n)
+    n_tiles_m = triton.cdiv(T, hcfg.block_m) + E
+    b2_dot = n_g and b2 is not None
+    dgate_part = _empty((n_tiles_h + b2_dot, T), torch.float32, dev) if n_g else None  # last row: G . b2
+    db1_part = _empty((n_tiles_m, h_up), torch.float32, dev) if n_b1 else None
+    db2_part = _empty((n_tiles_m, d_out), torch.float32, dev) if n_b2 else None
+    if need_dh or n_g or n_w2 or n_b2:
         hidden = hidden.contiguous()
-        dh = _empty((T, h_up), dt, dev) if need_dh else None
-        if store_act:
-            act = _empty((T, h), dt, dev)
-        n_tiles_h = triton.cdiv(h, cfg.block_n)
-        n_tiles_m = triton.cdiv(T, cfg.block_m) + E
-        dgate_part = _empty((n_tiles_h, T), torch.float32, dev) if n_g else None
-        db1_part = _empty((n_tiles_m, h_up), torch.float32, dev) if n_b1 else None
         _moe_ffn_bwd_hidden_kernel[(n_tiles_m * n_tiles_h,)](
-            g_out, w2, b2 if b2 is not None else x, gate if gate is not None else x, tok, offsets, hidden,
-            dh if dh is not None else x, act if store_act else x, dgate_part if n_g else x,
-            db1_part if n_b1 else x,
+            g_out, w2, b2 if b2 is not None else x, gate if gate is not None else x, tok, offsets,
+            hidden, dh if dh is not None else x, gact if gact is not None else x,
+            dgate_part if n_g else x, db1_part if n_b1 else x, db2_part if n_b2 else x,
             E, h, d_out, T, g_out.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
-            ACTIVATION=_act_code(activation), GATED=gated, B2_DOT=n_g and b2 is not None, HAS_GATE=gate is not None,
-            STORE_DH=need_dh, STORE_ACT=store_act,
-            DGATE=n_g, STORE_DB=n_b1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            EVEN_K=d_out % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+            ACTIVATION=_act_code(activation), GATED=gated, B2_DOT=b2_dot, HAS_GATE=gate is not None,
+            STORE_DH=need_dh, STORE_ACT=n_w2, DGATE=n_g, STORE_DB=n_b1, STORE_DB2=n_b2, ROW_PASS=b2_dot or n_b2,
+            BLOCK_M=hcfg.block_m, BLOCK_N=hcfg.block_n, BLOCK_K=hcfg.block_k, EVEN_K=d_out % hcfg.block_k == 0,
+            num_warps=hcfg.num_warps, num_stages=hcfg.num_stages, **common,
         )
         if n_g:
             dgate.copy_(dgate_part.sum(0))  # fixed-order sum over the h tiles: deterministic
@@ -397,12 +449,10 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
         _launch_down(dh, w1, (w1.stride(1), w1.stride(2)), None, None, tok, offsets, dx, cfg, common,
                      add=_addend(shared_dx, dx))
     if n_w1 or n_b1 or n_w2 or n_b2:
-        dcfg = get_config("dw", T, d, h, E, dt)
+        dcfg = get_config("dw", T, d, h, E, dt, gpu)
         if n_w1 or n_b1:
-            # db1's partials come from the hidden kernel, one per BLOCK_M row tile.
-            _launch_dw(dh, x, None, tok, offsets, False, True, n_w1, n_b1, E, dw1, db1 if n_b1 else dw1, dcfg,
-                       common, db_part=db1_part, db_chunk=cfg.block_m)
+            _launch_dw(dh, x, tok, offsets, False, True, n_w1, E, dw1, db1, db1_part, hcfg.block_m, dcfg, common)
         if n_w2 or n_b2:
-            _launch_dw(g_out, act if n_w2 else g_out, gate, tok, offsets, True, False, n_w2, n_b2, E, dw2,
-                       db2 if n_b2 else dw2, dcfg, common)
+            _launch_dw(g_out, gact if n_w2 else g_out, tok, offsets, True, False, n_w2, E, dw2, db2, db2_part,
+                       hcfg.block_m, dcfg, common)
     return dx, dw1, db1, dw2, db2, dgate
