@@ -18,8 +18,10 @@ from moebert_kernels.ops import dispatch
 from moebert_kernels.ops.dispatch import BackendUnavailableError, select_backend
 from moebert_kernels.ops.moe_ffn import moe_ffn, moe_ffn_reference
 from moebert_kernels.ops.routing import RoutingPlan
+from moebert_kernels.cuda.moe_ffn import GEMM_KINDS, grouped_gemm_plan_reference
 
-MOEBERT_C_OPS = ("routing_plan", "moe_ffn_forward", "moe_ffn_backward", "expert_layer_norm_forward",
+MOEBERT_C_OPS = ("routing_plan", "grouped_gemm", "grouped_gemm_plan", "moe_bias_act", "moe_scatter_rows",
+                 "moe_act_backward", "moe_segment_colsum", "expert_layer_norm_forward",
                  "expert_layer_norm_backward", "distill_hidden_forward", "distill_logits_forward")
 
 
@@ -132,7 +134,7 @@ def test_every_op_is_registered():
         schema = str(op.default._schema)
         assert schema.startswith(f"moebert_C::{name}("), schema
     # Outputs are declared as mutated, so torch.compile / functionalization sees the writes.
-    assert "Tensor(a!) out" in str(torch.ops.moebert_C.moe_ffn_forward.default._schema)
+    assert "Tensor(a!) out" in str(torch.ops.moebert_C.grouped_gemm.default._schema)
     assert "Tensor(a!) y" in str(torch.ops.moebert_C.expert_layer_norm_forward.default._schema)
 
 
@@ -157,16 +159,39 @@ def test_ops_reject_cpu_tensors_clearly():
         torch.ops.moebert_C.routing_plan(ids, E, torch.empty(T, dtype=torch.long), torch.empty(E, dtype=torch.long),
                                          torch.empty(E + 1, dtype=torch.long), torch.empty(T, dtype=torch.long))
     plan = RoutingPlan.from_expert_ids(ids, E)
-    x = torch.randn(T, d)
-    w1, b1, w2, b2 = torch.randn(E, h, d), torch.randn(E, h), torch.randn(E, d, h), torch.randn(E, d)
-    with pytest.raises(RuntimeError, match="moe_ffn_forward needs CUDA tensors"):
-        torch.ops.moebert_C.moe_ffn_forward(x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, None, 0,
-                                            torch.empty(T, d), torch.empty(0))
-    with pytest.raises(RuntimeError, match="moe_ffn_backward needs CUDA tensors"):
-        torch.ops.moebert_C.moe_ffn_backward(torch.randn(T, d), x, plan.sorted_token_ids, plan.expert_offsets, w1, b1,
-                                             w2, b2, None, torch.empty(0), 0, 63, torch.empty_like(x),
-                                             torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
-                                             torch.empty_like(b2), torch.empty(0))
+    off, tok = plan.expert_offsets, plan.sorted_token_ids
+    x, w = torch.randn(T, d), torch.randn(E, h, d)
+    ops = torch.ops.moebert_C
+    with pytest.raises(RuntimeError, match="grouped_gemm needs CUDA tensors"):
+        ops.grouped_gemm(x, w, off, 0, torch.empty(T, h))
+    with pytest.raises(RuntimeError, match="moe_bias_act needs CUDA tensors"):
+        ops.moe_bias_act(torch.empty(T, h), None, off, 0, False, torch.empty(T, h))
+    with pytest.raises(RuntimeError, match="moe_scatter_rows needs CUDA tensors"):
+        ops.moe_scatter_rows(x, tok, off, None, None, None, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="moe_act_backward needs CUDA tensors"):
+        ops.moe_act_backward(x, x, tok, off, None, None, None, 0, False, torch.empty_like(x), torch.empty(0),
+                             torch.empty(0))
+    with pytest.raises(RuntimeError, match="moe_segment_colsum needs CUDA tensors"):
+        ops.moe_segment_colsum(x, off, None, None, torch.empty(E, 4, d))
+
+
+@requires_ext
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("counts", [[3, 0, 5], [1], [0, 0, 7, 0], [0, 0]], ids=str)
+def test_plan_on_the_host_matches_the_reference(kind, counts):
+    """The argument builder (csrc/grouped_gemm.h), run on the host by the CPU op, against the Python reference."""
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    got = torch.ops.moebert_C.grouped_gemm_plan(offsets, kind, 24, 40, 16)
+    want = grouped_gemm_plan_reference(offsets.tolist(), kind, 24, 40, 16)
+    assert got.dtype == torch.long and got.tolist() == [list(p) for p in want]
+
+
+@requires_ext
+def test_plan_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="kind must be 0, 1 or 2, got 3"):
+        torch.ops.moebert_C.grouped_gemm_plan(torch.tensor([0, 2]), 3, 8, 8, 8)
+    with pytest.raises(RuntimeError, match=r"expert_offsets must be int64 \[E\+1\]"):
+        torch.ops.moebert_C.grouped_gemm_plan(torch.tensor([0.0, 2.0]), 0, 8, 8, 8)
 
 
 # ---- (c) GPU ------------------------------------------------------------------------------
