@@ -380,7 +380,7 @@ void grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ex
     TORCH_CHECK(false, "moebert_C::", op, ": ", exc.what());
   }
   if (kind == kWeightGrad) {
-    MOEBERT_DISPATCH_FLOAT(dt, op, [&] {
+    MOEBERT_DISPATCH_FLOAT(dt, "grouped_gemm", [&] {
       using T_ = typename CudaType<scalar_t>::type;
       const dim3 grid(grid_for(M * N, 256) / (unsigned)std::min<int64_t>(E, 8) + 1, (unsigned)E);
       _zero_empty_groups_kernel<T_><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -443,7 +443,7 @@ void moe_bias_act(const at::Tensor& h, const c10::optional<at::Tensor>& bias, co
   if (T == 0 || width == 0 || (!has_a && !has_bias)) return;
   const c10::cuda::CUDAGuard guard(h.device());
   const at::Tensor b = has_bias ? *bias : at::Tensor();
-  MOEBERT_DISPATCH_FLOAT(h.scalar_type(), op, [&] {
+  MOEBERT_DISPATCH_FLOAT(h.scalar_type(), "moe_bias_act", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     const int vec = pack_width(sizeof(T_), {width}, {&h, &b, &a});
     MOEBERT_DISPATCH_VEC(vec, [&] {
@@ -480,7 +480,7 @@ void moe_scatter_rows(const at::Tensor& rows, const at::Tensor& sorted_token_ids
   const float* g = gate_ptr(gate, op, rows, T);
   if (T == 0 || n == 0) return;
   const c10::cuda::CUDAGuard guard(rows.device());
-  MOEBERT_DISPATCH_FLOAT(dt, op, [&] {
+  MOEBERT_DISPATCH_FLOAT(dt, "moe_scatter_rows", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     const int vec = pack_width(sizeof(T_), {n}, {&rows, &b, &ad, &out});
     MOEBERT_DISPATCH_VEC(vec, [&] {
@@ -536,7 +536,7 @@ void moe_act_backward(const at::Tensor& p, const at::Tensor& h, const at::Tensor
   }
   if (T == 0) return;
   const c10::cuda::CUDAGuard guard(p.device());
-  MOEBERT_DISPATCH_FLOAT(dt, op, [&] {
+  MOEBERT_DISPATCH_FLOAT(dt, "moe_act_backward", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     const int vec = pack_width(sizeof(T_), {width}, {&p, &h, &dh, &ga});
     MOEBERT_DISPATCH_VEC(vec, [&] {
@@ -571,7 +571,7 @@ void moe_segment_colsum(const at::Tensor& x, const at::Tensor& expert_offsets, c
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int splits = (int)partial.size(1);
-  MOEBERT_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
+  MOEBERT_DISPATCH_FLOAT(x.scalar_type(), "moe_segment_colsum", [&] {
     const dim3 grid((unsigned)((n + 127) / 128), (unsigned)splits, (unsigned)E);
     _segment_colsum_kernel<<<grid, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
         cptr<scalar_t>(x), (int)n, expert_offsets.data_ptr<int64_t>(), idx, s, splits, partial.data_ptr<float>());
