@@ -294,6 +294,19 @@ const float* gate_ptr(const c10::optional<at::Tensor>& gate, const char* op, con
 
 int dtype_code(at::ScalarType dt) { return dt == at::kFloat ? 0 : dt == at::kHalf ? 1 : 2; }
 
+at::Tensor given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? *t : at::Tensor(); }
+
+void check_ids(const at::Tensor& ids, const char* op, const at::Tensor& ref, int64_t T) {
+  check_device(ids, op, "sorted_token_ids", ref);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.sizes() == at::IntArrayRef({T}), "moebert_C::", op,
+              ": sorted_token_ids must be int64 [T=", T, "], got ", ids.scalar_type(), " ", ids.sizes());
+}
+
+void check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK(activation >= 0 && activation <= 2, "moebert_C::", op,
+              ": activation code must be 0 (gelu), 1 (gelu_tanh) or 2 (relu), got ", activation);
+}
+
 void grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets, int64_t kind,
                   const at::Tensor& out, int64_t impl) {
   const char* op = "grouped_gemm";
@@ -424,8 +437,7 @@ void moe_bias_act(const at::Tensor& h, const c10::optional<at::Tensor>& bias, co
   check_device(h, op, "h", h);
   check_opt(bias, op, "bias", h);
   const int64_t E = check_offsets(expert_offsets, op, h);
-  TORCH_CHECK(activation >= 0 && activation <= 2, "moebert_C::", op,
-              ": activation code must be 0 (gelu), 1 (gelu_tanh) or 2 (relu), got ", activation);
+  check_activation(activation, op);
   TORCH_CHECK(h.dim() == 2 && (!gated || h.size(1) % 2 == 0), "moebert_C::", op, ": h must be [T, ",
               gated ? "2h" : "h", "], got ", h.sizes());
   const int64_t T = h.size(0), hu = h.size(1), width = gated ? hu / 2 : hu;
@@ -435,14 +447,13 @@ void moe_bias_act(const at::Tensor& h, const c10::optional<at::Tensor>& bias, co
     check_shape(a, op, "a", {T, width});
     check_dtype(a, op, "a", h.scalar_type());
   }
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_shape(*bias, op, "bias", {E, hu});
-    check_dtype(*bias, op, "bias", h.scalar_type());
+  const at::Tensor b = given(bias);
+  if (b.defined()) {
+    check_shape(b, op, "bias", {E, hu});
+    check_dtype(b, op, "bias", h.scalar_type());
   }
-  if (T == 0 || width == 0 || (!has_a && !has_bias)) return;
+  if (T == 0 || width == 0 || (!has_a && !b.defined())) return;
   const c10::cuda::CUDAGuard guard(h.device());
-  const at::Tensor b = has_bias ? *bias : at::Tensor();
   MOEBERT_DISPATCH_FLOAT(h.scalar_type(), "moe_bias_act", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     const int vec = pack_width(sizeof(T_), {width}, {&h, &b, &a});
@@ -460,7 +471,6 @@ void moe_scatter_rows(const at::Tensor& rows, const at::Tensor& sorted_token_ids
                       const c10::optional<at::Tensor>& add, const at::Tensor& out) {
   const char* op = "moe_scatter_rows";
   check_device(rows, op, "rows", rows);
-  check_device(sorted_token_ids, op, "sorted_token_ids", rows);
   check_device(out, op, "out", rows);
   check_opt(bias, op, "bias", rows);
   check_opt(add, op, "add", rows);
@@ -470,11 +480,8 @@ void moe_scatter_rows(const at::Tensor& rows, const at::Tensor& sorted_token_ids
   const auto dt = rows.scalar_type();
   check_shape(out, op, "out", rows.sizes());
   check_dtype(out, op, "out", dt);
-  TORCH_CHECK(sorted_token_ids.scalar_type() == at::kLong && sorted_token_ids.sizes() == at::IntArrayRef({T}),
-              "moebert_C::", op, ": sorted_token_ids must be int64 [T=", T, "], got ", sorted_token_ids.scalar_type(),
-              " ", sorted_token_ids.sizes());
-  const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
-  const at::Tensor ad = add.has_value() && add->defined() ? *add : at::Tensor();
+  check_ids(sorted_token_ids, op, rows, T);
+  const at::Tensor b = given(bias), ad = given(add);
   if (b.defined()) { check_shape(b, op, "bias", {E, n}); check_dtype(b, op, "bias", dt); }
   if (ad.defined()) { check_shape(ad, op, "add", {T, n}); check_dtype(ad, op, "add", dt); }
   const float* g = gate_ptr(gate, op, rows, T);
@@ -500,26 +507,22 @@ void moe_act_backward(const at::Tensor& p, const at::Tensor& h, const at::Tensor
   const char* op = "moe_act_backward";
   check_device(p, op, "p", p);
   check_device(h, op, "h", p);
-  check_device(sorted_token_ids, op, "sorted_token_ids", p);
   check_device(dh, op, "dh", p);
   check_opt(grad_out, op, "grad_out", p);
   check_opt(b2, op, "b2", p);
   const int64_t E = check_offsets(expert_offsets, op, p);
-  TORCH_CHECK(activation >= 0 && activation <= 2, "moebert_C::", op,
-              ": activation code must be 0 (gelu), 1 (gelu_tanh) or 2 (relu), got ", activation);
+  check_activation(activation, op);
   TORCH_CHECK(p.dim() == 2, "moebert_C::", op, ": p must be [T, h], got ", p.sizes());
   const int64_t T = p.size(0), width = p.size(1), hu = gated ? 2 * width : width;
   const auto dt = p.scalar_type();
   check_shape(h, op, "h", {T, hu});
   check_shape(dh, op, "dh", {T, hu});
   for (const auto* t : {&h, &dh}) check_dtype(*t, op, "h and dh", dt);
-  TORCH_CHECK(sorted_token_ids.scalar_type() == at::kLong && sorted_token_ids.sizes() == at::IntArrayRef({T}),
-              "moebert_C::", op, ": sorted_token_ids must be int64 [T=", T, "]");
+  check_ids(sorted_token_ids, op, p, T);
   const bool has_ga = ga.numel() != 0, has_dgate = dgate.numel() != 0;
   if (has_ga) { check_device(ga, op, "ga", p); check_shape(ga, op, "ga", {T, width}); check_dtype(ga, op, "ga", dt); }
   const float* g = gate_ptr(gate, op, p, T);
-  const at::Tensor dy = grad_out.has_value() && grad_out->defined() ? *grad_out : at::Tensor();
-  const at::Tensor bb = b2.has_value() && b2->defined() ? *b2 : at::Tensor();
+  const at::Tensor dy = given(grad_out), bb = given(b2);
   int64_t d_out = 0;
   if (has_dgate) {
     check_device(dgate, op, "dgate", p);
@@ -565,7 +568,7 @@ void moe_segment_colsum(const at::Tensor& x, const at::Tensor& expert_offsets, c
   const int64_t* idx = nullptr;
   if (s != nullptr) {
     TORCH_CHECK(sorted_token_ids.has_value(), "moebert_C::", op, ": a scale needs sorted_token_ids");
-    check_device(*sorted_token_ids, op, "sorted_token_ids", x);
+    check_ids(*sorted_token_ids, op, x, T);
     idx = sorted_token_ids->data_ptr<int64_t>();
   }
   if (n == 0) return;
@@ -601,7 +604,8 @@ TORCH_LIBRARY_FRAGMENT(moebert_C, m) {
         "Tensor(a!) partial) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(moebert_C, CUDA, m) {
+namespace {
+void register_impls(torch::Library& m) {
   m.impl("grouped_gemm", &moebert::grouped_gemm);
   m.impl("grouped_gemm_plan", &moebert::grouped_gemm_plan);
   m.impl("moe_bias_act", &moebert::moe_bias_act);
@@ -609,14 +613,10 @@ TORCH_LIBRARY_IMPL(moebert_C, CUDA, m) {
   m.impl("moe_act_backward", &moebert::moe_act_backward);
   m.impl("moe_segment_colsum", &moebert::moe_segment_colsum);
 }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moebert_C, CUDA, m) { register_impls(m); }
 
 // CPU tensors reach the same entry points, whose first check names the problem; the plan
 // runs on the host (the CPU twin of the device-side argument builder).
-TORCH_LIBRARY_IMPL(moebert_C, CPU, m) {
-  m.impl("grouped_gemm", &moebert::grouped_gemm);
-  m.impl("grouped_gemm_plan", &moebert::grouped_gemm_plan);
-  m.impl("moe_bias_act", &moebert::moe_bias_act);
-  m.impl("moe_scatter_rows", &moebert::moe_scatter_rows);
-  m.impl("moe_act_backward", &moebert::moe_act_backward);
-  m.impl("moe_segment_colsum", &moebert::moe_segment_colsum);
-}
+TORCH_LIBRARY_IMPL(moebert_C, CPU, m) { register_impls(m); }

@@ -122,7 +122,7 @@ def _aligned(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
 def _via_fp32(fn, dtype, *args):
     """Run ``fn`` on fp32 copies of the floating-point tensors and round its outputs to ``dtype`` once."""
     up = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-    return tuple(r.to(dtype) if r.is_floating_point() and r.numel() else r for r in fn(*up))
+    return tuple(r.to(dtype) if r.is_floating_point() else r for r in fn(*up))
 
 
 def _gate32(gate: Optional[Tensor]) -> Optional[Tensor]:
