@@ -86,7 +86,7 @@ def moe_scatter_rows(rows, sorted_token_ids, expert_offsets, bias, gate, add, ou
 
 def moe_act_backward(p, h, sorted_token_ids, expert_offsets, gate, grad_out, b2, activation, gated, dh, ga, dgate):
     T = p.shape[0]
-    g = gate.index_select(0, sorted_token_ids).unsqueeze(-1) if gate is not None else torch.ones(T, 1)
+    g = gate.index_select(0, sorted_token_ids).unsqueeze(-1) if gate is not None else torch.ones(T, 1, device=p.device)
     pf, hf = p.float(), h.float()
     if gated:
         ha, hg = hf.chunk(2, dim=-1)

@@ -118,8 +118,10 @@ def _compare(inputs, plan, activation, tol):
     assert out.dtype == inputs[0].dtype and torch.isfinite(out).all()
     if out.numel():
         assert _rel(out, ref) < tol, f"out: {_rel(out, ref):.2e}"
-    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+    live = [t for t in inputs if t is not None]
+    for i, (g, r, t) in enumerate(zip(grads, ref_grads, live)):
         r = torch.zeros_like(g, dtype=torch.float64) if r is None else r
+        assert g.dtype == t.dtype, f"grad {i} is {g.dtype}, its input {t.dtype}"
         assert torch.isfinite(g).all(), f"grad {i} not finite"
         if r.norm() == 0:
             assert g.abs().sum() == 0, f"grad {i} should be zero"
@@ -149,7 +151,14 @@ def test_launchers_half_precision(modelled, dims, monkeypatch):
     real = cuda_moe_ffn._via_fp32
     monkeypatch.setattr(cuda_moe_ffn, "_via_fp32", lambda *a: calls.append(1) or real(*a))
     inputs, plan = _case(30, *dims[:2], dims[2], 3, torch.float16, "gelu", True, True, False)
+    inputs[5] = inputs[5].float()  # an fp32 gate on fp16 experts: dgate stays fp32
     _compare(inputs, plan, "gelu", 5e-3)
+    # The backend's own dtypes (autograd would cast a wrong one silently).
+    x, w1, b1, w2, b2, g = inputs[:6]
+    args = (x, plan.sorted_token_ids, plan.expert_offsets, w1, b1, w2, b2, g)
+    _, hidden = modelled.moe_ffn_forward(*args, "gelu", True)
+    grads = modelled.moe_ffn_backward(torch.randn(30, dims[2]).half(), *args, hidden, "gelu", [True] * 6)
+    assert [t.dtype for t in grads] == [t.dtype for t in (x, w1, b1, w2, b2, g)]
     assert bool(calls) == (dims != (16, 24, 8))
 
 

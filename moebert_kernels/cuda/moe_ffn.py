@@ -119,10 +119,10 @@ def _aligned(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
     return x.dtype == torch.float32 or all(n % 8 == 0 for n in (x.shape[1], w1.shape[1], w2.shape[1], w2.shape[2]))
 
 
-def _via_fp32(fn, dtype, *args):
-    """Run ``fn`` on fp32 copies of the floating-point tensors and round its outputs to ``dtype`` once."""
+def _via_fp32(fn, dtypes, *args):
+    """Run ``fn`` on fp32 copies of the floating-point tensors and round its outputs once, to ``dtypes``."""
     up = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-    return tuple(r.to(dtype) if r.is_floating_point() else r for r in fn(*up))
+    return tuple(r.to(dt) for r, dt in zip(fn(*up), dtypes))
 
 
 def _gate32(gate: Optional[Tensor]) -> Optional[Tensor]:
@@ -144,10 +144,10 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     """Backend contract: ``(out [T, d_out], hidden [T, h_up] expert order or empty)``; ``shared_out`` [T, d_out]
     (token order) is added before the gate, in the scatter."""
     code, gated = _activation_code(activation)
+    args = (x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, code, gated, save_hidden, shared_out)
     if not _aligned(x, w1, w2):
-        return _via_fp32(_forward, x.dtype, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, code, gated,
-                         save_hidden, shared_out)
-    return _forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, code, gated, save_hidden, shared_out)
+        return _via_fp32(_forward, (x.dtype, x.dtype), *args)
+    return _forward(*args)
 
 
 def _forward(x, tok, offsets, w1, b1, w2, b2, gate, code, gated, save_hidden, shared_out):
@@ -175,8 +175,7 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
     args = (grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, code, gated,
             [bool(n) for n in needs_grad], shared_dx)
     if not _aligned(x, w1, w2):
-        grads = _via_fp32(_backward, x.dtype, *args)
-        return (*grads[:5], grads[5] if gate is None else grads[5].to(gate.dtype))
+        return _via_fp32(_backward, [x.dtype if t is None else t.dtype for t in (x, w1, b1, w2, b2, gate)], *args)
     return _backward(*args)
 
 
