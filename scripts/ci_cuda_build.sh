@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI check of the CUDA extension on a machine with no GPU: build moebert_kernels._C for
-# sm_80 and sm_90 the way a user's `pip install -e .` does, against the CUDA build of torch
+# sm_80 and sm_90a (CUTLASS 2.x and 3.x GEMMs) the way a user's `pip install -e .` does, against the CUDA build of torch
 # in its own venv, then import it and run tests/test_cuda_ext.py there.
 #
 # The build happens in a copy of the tree under build/ci-cuda/ (git-ignored), so the .so
@@ -8,7 +8,8 @@
 # or link error fails the script.
 #
 # Env: MOEBERT_CUDA_VENV (default .venv-cuda), MAX_JOBS (default 2),
-#      TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), CUDA_HOME (default /usr/local/cuda).
+#      TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"), CUDA_HOME (default /usr/local/cuda).
+# The CUTLASS headers come from the pinned nvidia-cutlass wheel (headers only: --no-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -23,6 +24,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda and torch.__v
   "$PY" -m pip install -q "torch==2.14.1" numpy setuptools wheel ninja pybind11 pytest
 fi
 "$PY" -c "import ninja, pybind11, pytest, setuptools" 2>/dev/null || "$PY" -m pip install -q numpy setuptools wheel ninja pybind11 pytest
+CUTLASS_PIN=$(sed -n 's/^CUTLASS_PIN = "\(.*\)"$/\1/p' setup.py)
+"$PY" -m pip show "${CUTLASS_PIN%%==*}" 2>/dev/null | grep -q "^Version: ${CUTLASS_PIN##*==}$" \
+  || "$PY" -m pip install -q --no-deps "$CUTLASS_PIN"
 
 # 2. toolchain: nvcc on PATH is a wrapper, so torch cannot derive CUDA_HOME from it, and
 #    ATen's CUDA headers want cusparse.h / cublas_v2.h, which ship in torch's nvidia wheels.
@@ -30,7 +34,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 NV_INC=$("$PY" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'include'))")
 export CPATH="$NV_INC${CPATH:+:$CPATH}"
 export MAX_JOBS=${MAX_JOBS:-2}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
 export MOEBERT_BUILD_CUDA=1
 
 # 3. a fresh copy of the tracked and untracked-but-not-ignored files.
@@ -47,7 +51,7 @@ T2=$(date +%s)
 ls "$COPY"/moebert_kernels/_C*.so >/dev/null
 
 # 5. import it and run the extension's tests from the copy.
-(cd "$COPY" && "$PY" -c "import moebert_kernels._C, torch; print('built for:', moebert_kernels._C.cuda_archs); assert moebert_kernels._C.cuda_archs == '8.0,9.0', moebert_kernels._C.cuda_archs; print('moebert_C ops:', sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('moebert_C::')))")
+(cd "$COPY" && "$PY" -c "import moebert_kernels._C, torch; print('built for:', moebert_kernels._C.cuda_archs); import os; want = os.environ['TORCH_CUDA_ARCH_LIST'].replace(';', ','); assert moebert_kernels._C.cuda_archs == want, (moebert_kernels._C.cuda_archs, want); print('moebert_C ops:', sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('moebert_C::')))")
 (cd "$COPY" && "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py)
 T3=$(date +%s)
 

@@ -322,28 +322,31 @@ def test_modernbert_unpadded_without_a_mask_says_what_is_wrong():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is present")
 @pytest.mark.parametrize("family", ["modernbert", "deberta-v2", "bert"])
-def test_patched_family_on_cuda_matches_the_torch_backend(family):
-    """Gated experts dispatch to Triton on CUDA (the CUDA C++ backend declines "gated"/"no_bias")."""
+@pytest.mark.parametrize("tie_shared", [False, True], ids=["copied", "tied"])
+def test_patched_family_on_cuda_matches_the_torch_backend(family, tie_shared):
+    """The patched model on CUDA through the automatic dispatch and forced to the CUDA C++ backend (gated,
+    bias-free ModernBERT experts and the tied shared expert included) against the torch backend."""
     pytest.importorskip("triton")
     from moebert_kernels.ops import select_backend
     from moebert_kernels.ops.moe_ffn import needed_features
 
     model = tiny(family).cuda()
-    mk.patch(model, num_experts=4, expert_size=24, shared=12)
+    mk.patch(model, num_experts=4, expert_size=24, shared=12, tie_shared=tie_shared)
     moe = mk.moe_layers(model)[0]
     needs = needed_features(moe.b1, moe.b2, moe.activation)
-    assert select_backend("moe_ffn", "cuda", needs=needs) in (("triton",) if needs else ("triton", "cuda"))
+    assert select_backend("moe_ffn", "cuda", needs=needs) in ("triton", "cuda")
     ids, mask = (t.cuda() for t in batch(B=4, S=33))
     runs = []
-    for backend in (None, "torch"):  # the same model: automatic dispatch, then the reference backend
+    for backend in ("torch", None, "cuda"):  # the same model: the reference backend first
         for m in mk.moe_layers(model):
             m.backend = backend
         model.zero_grad()
         y = out_of(model, ids, mask)
         y.square().sum().backward()
         runs.append((y.detach(), [(m.w1.grad.clone(), m.w2.grad.clone()) for m in mk.moe_layers(model)]))
-    (y, grads), (y_ref, grads_ref) = runs
-    torch.testing.assert_close(y, y_ref, rtol=2e-4, atol=2e-4)
-    for (a1, a2), (b1, b2) in zip(grads, grads_ref):
-        torch.testing.assert_close(a1, b1, rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(a2, b2, rtol=1e-3, atol=1e-4)
+    y_ref, grads_ref = runs[0]
+    for y, grads in runs[1:]:
+        torch.testing.assert_close(y, y_ref, rtol=2e-4, atol=2e-4)
+        for (a1, a2), (b1, b2) in zip(grads, grads_ref):
+            torch.testing.assert_close(a1, b1, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(a2, b2, rtol=1e-3, atol=1e-4)

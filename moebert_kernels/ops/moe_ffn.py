@@ -46,12 +46,9 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", *GATED_ACTIVATIONS)
 register_impl("moe_ffn", "torch", __name__)
 register_impl("moe_ffn", "triton", "moebert_kernels.triton.moe_ffn")
 register_impl("moe_ffn", "cuda", "moebert_kernels.cuda.moe_ffn")
-# The CUDA C++ kernels have no shared-expert epilogue yet: dispatch falls back from them.
-add_features("moe_ffn", "torch", ("shared",))
-add_features("moe_ffn", "triton", ("shared",))
-# Gated experts and absent biases; the CUDA C++ kernels implement neither (dispatch falls back).
-add_features("moe_ffn", "torch", ("gated", "no_bias"))
-add_features("moe_ffn", "triton", ("gated", "no_bias"))
+# Every backend implements the shared expert, gated experts and absent biases.
+for _backend in ("torch", "triton", "cuda"):
+    add_features("moe_ffn", _backend, ("shared", "gated", "no_bias"))
 
 
 def needed_features(b1: Optional[Tensor], b2: Optional[Tensor], activation: str) -> tuple[str, ...]:
