@@ -6,10 +6,10 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 import moebert_kernels as mk
-from test_families import V, _config, batch, tiny
+from test_families import V, batch, tiny
+from test_model_tools import no_dropout
 
 ROUTERS = ["hash", "balanced_hash", "token_gate", "sentence_gate"]
 SHAPES = [(3, 9), (2, 9), (3, 7), (2, 12)]  # calls of one shape interleave with calls of another
@@ -20,13 +20,6 @@ def patched(family, router, **kw):
     if router == "balanced_hash":
         kw["token_counts"] = torch.randint(0, 50, (V,))
     return mk.patch(model, num_experts=4, expert_size=24, shared=12, router=router, seed=3, **kw)
-
-
-def no_dropout(model):
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-    return model
 
 
 def labels_for(ids):

@@ -94,11 +94,11 @@ def test_hash_tables_differ_per_layer_and_plans_are_built_once(monkeypatch):
     mk.patch(model, num_experts=4, expert_size=24, shared=12)
     t0, t1 = (m.router.table for m in mk.moe_layers(model))
     assert not torch.equal(t0, t1)
-    from moebert_kernels.modules import routers
+    from moebert_kernels.modules import routing_state
 
     calls = []
-    real = routers.plans_from_expert_ids
-    monkeypatch.setattr(routers, "plans_from_expert_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = routing_state.plans_from_expert_ids
+    monkeypatch.setattr(routing_state, "plans_from_expert_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids, mask = batch()
     logits(model, ids, mask)
     assert len(calls) == 1  # one batched plan build for all layers

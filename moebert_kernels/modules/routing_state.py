@@ -89,7 +89,7 @@ class RoutingState:
         """End the innermost call covering ``layers``; record its aux losses for ``last_aux_loss``."""
         if torch.compiler.is_compiling():
             for m in layers:
-                call = m._traced_routing
+                call = getattr(m, "_traced_routing", None)
                 m._traced_routing = None
                 if call is not None:
                     call.ended = True
