@@ -285,7 +285,8 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
         importance: ``[L, d_ff]`` neuron importance (see ``expert_neuron_ids``); None keeps the dense order.
         router: one of ``"hash"`` (the paper's default), ``"balanced_hash"`` (needs ``token_counts``),
             ``"token_gate"``, ``"sentence_gate"``.
-        seed: layer l's hash table is drawn with ``seed + l``.
+        seed: layer l's hash table is drawn with ``seed + l``. After ``resize_token_embeddings`` the tables
+            follow ``config.vocab_size`` (new ids get deterministic experts, see ``HashRouter.resize``).
         token_counts: ``[vocab_size]`` token frequencies for ``"balanced_hash"``.
         backend: force a backend for every MoE layer (one of ``ops.dispatch.BACKENDS``; default: the
             dispatch decides).
