@@ -85,6 +85,8 @@ def replaced_file(path: str) -> Iterator[str]:
     """Yields a temporary file name beside ``path``; what is written there replaces ``path`` in one rename
     when the block ends normally, and is deleted when it raises."""
     path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; the output must be a file name")
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", dir=parent)
