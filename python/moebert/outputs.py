@@ -27,7 +27,7 @@ def check_output(path: str, inputs: Mapping[str, Optional[str]], overwrite: bool
     holds files (a non-empty folder, an existing file), unless ``overwrite`` or ``existing_ok`` (``--resume``)."""
     out = os.path.realpath(path)
     for name, given in inputs.items():
-        if given and _inside(os.path.realpath(given), out):
+        if given and os.path.exists(given) and _inside(os.path.realpath(given), out):  # not a hub id
             what = "is" if os.path.realpath(given) == out else "holds"
             raise ValueError(f"{option} {path} {what} the input {name} {given}: writing there would destroy it; "
                              f"choose another {option}")
