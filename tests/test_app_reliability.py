@@ -13,6 +13,7 @@ from moebert.data import encode, load_rows
 from moebert.evaluate import predict_rows
 from moebert.tasks import TASKS, get_task
 from test_app_chain import make_base, write_rows
+from test_app_errors import _fails
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +23,6 @@ def root(tmp_path_factory):
     make_base(str(root / "base3"), num_labels=3)
     write_rows(str(root / "train.csv"), 8)
     return root
-
-
-def _fails(capsys, argv, *fragments):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    for frag in fragments:
-        assert frag in err, err
-    return err
 
 
 def _write(path, text, mode="w"):

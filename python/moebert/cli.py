@@ -59,8 +59,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (output/checkpoint-N)")
     g.add_argument("--logging-steps", type=int, default=50, help="log every N steps")
     g.add_argument("--resume", nargs="?", const=True, default=None,
-                   help="resume from the newest checkpoint in --output, or from the given checkpoint folder "
-                        "(default: start afresh)")
+                   help="resume from the newest complete checkpoint in --output (an incomplete one is skipped "
+                        "with a warning), or from the given checkpoint folder (default: start afresh)")
     _device_arg(g)
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto is bf16/fp16 on CUDA, fp32 on CPU")

@@ -183,7 +183,8 @@ def load_rows(task: TaskSpec, split: str = "train", data: Optional[str] = None,
     else:
         hub = _from_hub(task, split)
         source = f"hub:{task.hub[0]}/{task.hub[1] or ''}[{split}]"
-        columns, records = list(hub.column_names), [(f"row {k + 1}", r) for k, r in enumerate(hub)]
+        # lazily: --max-rows stops reading a large hub split early
+        columns, records = list(hub.column_names), ((f"row {k + 1}", r) for k, r in enumerate(hub))
         split_column = None
     if not 1 <= len(text_columns) <= 2:
         raise ValueError(f"give one text column, or two for sentence pairs; got {list(text_columns)}")

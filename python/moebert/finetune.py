@@ -12,7 +12,7 @@ from .data import Collator, encode, label_maps, rows_from_args
 from .outputs import check_output
 from .tasks import finetune_defaults, get_task
 
-__all__ = ["run", "fill_defaults"]
+__all__ = ["run", "fill_defaults", "train_and_save", "checkpoints", "checkpoint_problem"]
 
 
 def fill_defaults(args, defaults: dict) -> None:

@@ -27,7 +27,7 @@ def check_output(path: str, inputs: Mapping[str, Optional[str]], overwrite: bool
     holds files (a non-empty folder, an existing file), unless ``overwrite`` or ``existing_ok`` (``--resume``)."""
     out = os.path.realpath(path)
     for name, given in inputs.items():
-        if given and _inside(os.path.realpath(given), out):
+        if given and os.path.exists(given) and _inside(os.path.realpath(given), out):  # not a hub id
             what = "is" if os.path.realpath(given) == out else "holds"
             raise ValueError(f"{option} {path} {what} the input {name} {given}: writing there would destroy it; "
                              f"choose another {option}")
@@ -85,6 +85,8 @@ def replaced_file(path: str) -> Iterator[str]:
     """Yields a temporary file name beside ``path``; what is written there replaces ``path`` in one rename
     when the block ends normally, and is deleted when it raises."""
     path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; the output must be a file name")
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", dir=parent)
