@@ -471,7 +471,7 @@ def demangle(symbols) -> dict:
 def short_name(demangled: str) -> str:
     """The function name without its namespace, template arguments and parameters (CUTLASS names run long)."""
     depth, out = 0, []
-    for ch in demangled:
+    for ch in demangled.replace("(anonymous namespace)", "anon"):
         if ch == "<":
             depth += 1
         elif ch == ">":
@@ -496,8 +496,10 @@ def cuda_rows(so_path: str, archs) -> list[dict]:
         counts = sass.get((arch_name, sym), {k: 0 for k in SASS_COUNTS})
         full = names.get(sym, sym)
         short = short_name(full)
+        dtype = next((dt for tag, dt in (("__nv_bfloat16", "bfloat16"), ("__half", "float16"), ("<float>", "float32"),
+                                         ("<float,", "float32")) if tag in full), "")
         rows.append(dict(
-            kernel=short, backend="cuda", arch=arch_name, dtype="", config=hashlib.sha1(sym.encode()).hexdigest()[:8],
+            kernel=short, backend="cuda", arch=arch_name, dtype=dtype, config=hashlib.sha1(sym.encode()).hexdigest()[:8],
             variant=full[:300], registers=res["REG"], spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
             smem_bytes=res.get("SHARED", 0), ctas_per_sm=None, threads=None,
             gemm=bool(counts["hgmma"] or counts["hmma"]) or "gemm" in full.lower(), shapes=[], symbol=sym, **counts))
@@ -519,7 +521,7 @@ def violations(rows, rules=RULES) -> list[tuple[str, str]]:
         what = []
         if "spill" in rules and r["gemm"] and r["spill_bytes"] > 0:
             what.append(f"GEMM spills {r['spill_bytes']} B ({r['local_loads']} LDL, {r['local_stores']} STL)")
-        sixteen_bit = r["dtype"] in ("bfloat16", "float16") or r["backend"] != "triton"
+        sixteen_bit = r["dtype"] in ("bfloat16", "float16") or (r["backend"] != "triton" and not r["dtype"])
         if "hgmma" in rules and r["gemm"] and arch == 90 and sixteen_bit and r["hgmma"] == 0:
             what.append("sm_90 GEMM without HGMMA (wgmma)")
         if "smem" in rules and r["smem_bytes"] > LIMITS[arch]["smem_per_block"]:

@@ -159,6 +159,8 @@ arch = sm_90a
     assert kr.parse_sass(sass)[("sm_90a", "_Z9gemm_tileILi128EEvPf")] == dict(
         hgmma=2, hmma=0, tma_loads=1, cp_async=1, local_loads=0, local_stores=1)
     assert kr.short_name("void cutlass::device_kernel<Gemm<128>>(Gemm<128>::Params)") == "device_kernel"
+    assert kr.short_name("void moebert::(anonymous namespace)::_grouped_gemm_kernel<__nv_bfloat16>("
+                         "moebert::(anonymous namespace)::GemmArgs)") == "_grouped_gemm_kernel"
 
 
 _SPILLING_CU = r"""
