@@ -401,9 +401,9 @@ def _compile_only(job) -> str:
     from triton.backends.compiler import GPUTarget
     fn = getattr(importlib.import_module(launch.module), launch.name)
     fn = fn.fn if isinstance(fn, _Recorder) else fn
-    options, signature, constexprs, attrs = _specialise(fn, launch, ARCHS[arch_name])
+    options, signature, constexprs, attrs = _specialise(fn, launch, arch_number(arch_name))
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", ARCHS[arch_name], 32), options=options.__dict__)
+    triton.compile(src, target=GPUTarget("cuda", arch_number(arch_name), 32), options=options.__dict__)
     return launch.name
 
 
@@ -419,15 +419,19 @@ def warm_up(dtypes, arch_name, jobs) -> int:
 
 
 def native_arch() -> str:
-    """This machine's GPU as a report arch (sm_90 -> sm_90a, as Triton compiles it)."""
-    import torch
-    if not torch.cuda.is_available():
+    """This machine's GPU as a report arch (sm_90 -> sm_90a, as Triton compiles it). Asked of nvidia-smi, or of
+    torch in a child process: CUDA initialised here would be inherited by the forked compile workers."""
+    try:
+        cap = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60).stdout.split()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        cap = subprocess.run([sys.executable, "-c", "import torch; print('%d.%d' % torch.cuda.get_device_capability()"
+                              " if torch.cuda.is_available() else '')"], capture_output=True, text=True,
+                             timeout=120).stdout.strip()
+    if not re.fullmatch(r"\d+\.\d+", cap):
         raise SystemExit("kernel_report --warmup: no GPU here (it compiles for this machine's GPU)")
-    major, minor = torch.cuda.get_device_capability()
-    name = f"sm_{major}{minor}" + ("a" if major == 9 else "")
-    if name not in ARCHS:
-        raise SystemExit(f"kernel_report --warmup: {name} is not one of {list(ARCHS)}")
-    return name
+    major, minor = cap.split(".")
+    return f"sm_{major}{minor}" + ("a" if major == "9" else "")
 
 
 def triton_rows(dtypes, archs, jobs) -> list[dict]:
