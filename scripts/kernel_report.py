@@ -560,6 +560,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", nargs="?", const=",".join(RULES), default=None, metavar="RULES",
                     help=f"exit 1 on a violation of these rules (comma-separated, default all: {','.join(RULES)})")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    ap.add_argument("--known", action="store_true",
+                    help="also print the violations as KNOWN_VIOLATIONS entries (tests/test_kernel_report.py)")
     ap.add_argument("--warmup", action="store_true",
                     help="only compile every launch for this machine's GPU (fills Triton's cache; no report)")
     args = ap.parse_args(argv)
@@ -600,6 +602,11 @@ def main(argv=None) -> int:
     found = violations(rows, rules)
     for key, what in found:
         print(f"VIOLATION {key}: {what}")
+    if args.known:  # one entry per key, the first reason for it (the test keys on kernel, arch, dtype, config)
+        print("KNOWN_VIOLATIONS = {")
+        for key in dict.fromkeys(k for k, _ in found):
+            print(f"    {key!r}: {next(w for k, w in found if k == key).split(' [')[0]!r},")
+        print("}")
     print(f"kernel_report: {len(rows)} rows, {len(found)} violations")
     return 1 if (args.check is not None and found) else 0
 

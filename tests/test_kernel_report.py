@@ -26,6 +26,7 @@ import kernel_report as kr  # noqa: E402
 _THIN = ("BLOCK_M < 64: Triton emits mma.sync (HMMA) for thin tiles, since a Hopper wgmma needs 64 rows per "
          "warpgroup; give these token buckets 64-row tiles or make the rule exempt them")
 _SPILL = "spills in the epilogue (registers at 255)"
+# Regenerate after a kernel change: python scripts/kernel_report.py --dtypes bf16 --no-cuda --known
 # row_id -> why it is known to fail (triton 3.9, 2026-12-04, `python scripts/kernel_report.py --dtypes bf16`).
 KNOWN_VIOLATIONS = {
     "triton|moe_ffn_bwd_hidden|sm_80|bfloat16|M128 N128 K64 w8 s4": _SPILL + ": 424-824 B",
