@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import glob
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -206,48 +207,52 @@ def _patch_kernels(sink, context):
     return undo
 
 
-def tuned_configs(folder: Path | None = None) -> list[tuple[str, dict, int | None]]:
-    """``[(kind, config fields, token bucket or None)]`` from the tuned-config files, if any exist.
+@dataclasses.dataclass
+class Tuned:
+    """One tuned config found in a configs/*.json file."""
+    kind: str                 # a kind of moe_ffn.override_config: "gemm", "dw" (and "hidden" where it exists)
+    fields: dict              # block_m, block_n, block_k, num_warps, num_stages, ...
+    bucket: int | None        # the token bucket it is for
+    dtype: str | None         # "bfloat16", ... when the file says
+    shape: tuple | None       # (d, h, E) when the file name says (d=..,h=..,E=..)
 
-    Read through the module's loader when it has one (``load_tuned_configs``/``tuned_configs``), else from
-    ``moebert_kernels/triton/configs/*.json`` directly: any object holding block sizes is a config, its kind is
-    the nearest enclosing key that names one (``dw*`` -> "dw"; gemm, up, down, bwd*, dx, dh -> "gemm"; none: "gemm"),
-    its bucket the nearest numeric key.
-    """
+
+def tuned_configs(folder: Path | None = None) -> list[Tuned]:
+    """Every tuned config in ``folder`` (default: ``$MOEBERT_TRITON_CONFIG_DIR``, then
+    ``moebert_kernels/triton/configs``), read from the JSON files themselves so that any layout works: an
+    object holding block sizes is a config; its kind is the nearest enclosing key that names one of
+    ``override_config``'s kinds (``up``/``down``/``bwd``/``dx`` count as "gemm"; none: "gemm"), its bucket the
+    nearest numeric key, its dtype the nearest key that is a dtype name, its shape from the file name."""
     from moebert_kernels.triton import moe_ffn as tm
-    data = []
-    loader = None if folder is not None else next(
-        (getattr(tm, n) for n in ("load_tuned_configs", "tuned_configs", "_load_tuned_configs")
-         if callable(getattr(tm, n, None))), None)
-    if loader is not None:
-        try:
-            data.append(loader())
-        except TypeError:
-            loader = None  # wants arguments we cannot guess: read the files instead
-    if loader is None:
-        folder = folder if folder is not None else ROOT / "moebert_kernels" / "triton" / "configs"
-        for f in sorted(glob.glob(str(Path(folder) / "*.json"))):
-            data.append(json.loads(Path(f).read_text()))
+    kinds = [k for k in inspect.signature(tm.override_config).parameters]
+    folders = [Path(folder)] if folder is not None else (
+        [Path(os.environ["MOEBERT_TRITON_CONFIG_DIR"])] if os.environ.get("MOEBERT_TRITON_CONFIG_DIR") else []) + [
+        ROOT / "moebert_kernels" / "triton" / "configs"]
     found = []
 
-    def walk(node, path):
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            node = dataclasses.asdict(node)
+    def kind_of(path):
+        for p in reversed(path):
+            low = p.lower()
+            hit = next((k for k in kinds if low.startswith(k)), None)
+            if hit or low.startswith(("up", "down", "bwd", "dx", "dh")):
+                return hit or "gemm"
+        return "gemm"
+
+    def walk(node, path, shape):
         if isinstance(node, dict):
             low = {str(k).lower(): v for k, v in node.items()}
             if all(k in low for k in ("block_m", "block_n", "block_k")):
-                kind = next(("dw" if p.lower().startswith("dw") else "gemm" for p in reversed(path)
-                             if p.lower().startswith(("dw", "gemm", "up", "down", "bwd", "dx", "dh"))), "gemm")
-                bucket = next((int(p) for p in reversed(path) if p.isdigit()), None)
-                found.append((kind, low, bucket))
+                found.append(Tuned(kind_of(path), low, next((int(p) for p in reversed(path) if p.isdigit()), None),
+                                   next((p for p in reversed(path) if p in DTYPES.values()), None), shape))
                 return
             for k, v in node.items():
-                walk(v, path + [str(k)])
-        elif isinstance(node, (list, tuple)):
+                walk(v, path + [str(k)], shape)
+        elif isinstance(node, list):
             for v in node:
-                walk(v, path)
-    for d in data:
-        walk(d, [])
+                walk(v, path, shape)
+    for f in sorted({f for d in folders for f in glob.glob(str(d / "*.json"))}):
+        m = re.search(r"d=(\d+),h=(\d+),E=(\d+)", Path(f).name)
+        walk(json.loads(Path(f).read_text()), [], tuple(int(v) for v in m.groups()) if m else None)
     return found
 
 
@@ -283,12 +288,14 @@ def record_launches(dtypes, buckets=BUCKETS, shapes=SHAPES, config_dir=None) -> 
                     moe(T, d, h, E, dt)
             for T in buckets:  # gated experts (ModernBERT's GeGLU, no biases) at the benchmark's size
                 moe(T, 768, 768, 4, dt, gated=True, bias=False)
-            for kind, fields, bucket in tuned_configs(config_dir):
-                names = {f.name for f in dataclasses.fields(tm.MoEFFNConfig)}
-                cfg = tm.MoEFFNConfig(**{k: v for k, v in fields.items() if k in names})
-                with tm.override_config(**{kind: cfg}):
-                    for d, h, E in shapes[:2]:
-                        moe(bucket or 4096, d, h, E, dt)
+            names = {f.name for f in dataclasses.fields(tm.MoEFFNConfig)}
+            for tuned in tuned_configs(config_dir):
+                if tuned.dtype not in (None, str(dt).replace("torch.", "")):
+                    continue
+                cfg = tm.MoEFFNConfig(**{k: v for k, v in tuned.fields.items() if k in names})
+                with tm.override_config(**{tuned.kind: cfg}):
+                    for d, h, E in [tuned.shape] if tuned.shape else shapes[:2]:
+                        moe(tuned.bucket or 4096, d, h, E, dt)
             # The other kernel families at BERT sizes: one launch shape each (their tiles follow d and C).
             ctx.update(dtype=str(dt).replace("torch.", ""), shape="B=32,S=128,d=768,L=12,C=2")
             hs = [torch.empty(32, 128, 768, dtype=dt, device=meta) for _ in range(12)]
@@ -503,7 +510,8 @@ def cuda_rows(so_path: str, archs) -> list[dict]:
         dtype = next((dt for tag, dt in (("__nv_bfloat16", "bfloat16"), ("__half", "float16"), ("<float>", "float32"),
                                          ("<float,", "float32")) if tag in full), "")
         rows.append(dict(
-            kernel=short, backend="cuda", arch=arch_name, dtype=dtype, config=hashlib.sha1(sym.encode()).hexdigest()[:8],
+            kernel=short, backend="cuda", arch=arch_name, dtype=dtype,
+            config=hashlib.sha1(sym.encode()).hexdigest()[:8],  # one template instance: its symbol's hash
             variant=full[:300], registers=res["REG"], spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
             smem_bytes=res.get("SHARED", 0), ctas_per_sm=None, threads=None,
             gemm=bool(counts["hgmma"] or counts["hmma"]) or "gemm" in full.lower(), shapes=[], symbol=sym, **counts))
