@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import glob
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -206,48 +207,52 @@ def _patch_kernels(sink, context):
     return undo
 
 
-def tuned_configs(folder: Path | None = None) -> list[tuple[str, dict, int | None]]:
-    """``[(kind, config fields, token bucket or None)]`` from the tuned-config files, if any exist.
+@dataclasses.dataclass
+class Tuned:
+    """One tuned config found in a configs/*.json file."""
+    kind: str                 # a kind of moe_ffn.override_config: "gemm", "dw" (and "hidden" where it exists)
+    fields: dict              # block_m, block_n, block_k, num_warps, num_stages, ...
+    bucket: int | None        # the token bucket it is for
+    dtype: str | None         # "bfloat16", ... when the file says
+    shape: tuple | None       # (d, h, E) when the file name says (d=..,h=..,E=..)
 
-    Read through the module's loader when it has one (``load_tuned_configs``/``tuned_configs``), else from
-    ``moebert_kernels/triton/configs/*.json`` directly: any object holding block sizes is a config, its kind is
-    the nearest enclosing key that names one (``dw*`` -> "dw"; gemm, up, down, bwd*, dx, dh -> "gemm"; none: "gemm"),
-    its bucket the nearest numeric key.
-    """
+
+def tuned_configs(folder: Path | None = None) -> list[Tuned]:
+    """Every tuned config in ``folder`` (default: ``$MOEBERT_TRITON_CONFIG_DIR``, then
+    ``moebert_kernels/triton/configs``), read from the JSON files themselves so that any layout works: an
+    object holding block sizes is a config; its kind is the nearest enclosing key that names one of
+    ``override_config``'s kinds (``up``/``down``/``bwd``/``dx`` count as "gemm"; none: "gemm"), its bucket the
+    nearest numeric key, its dtype the nearest key that is a dtype name, its shape from the file name."""
     from moebert_kernels.triton import moe_ffn as tm
-    data = []
-    loader = None if folder is not None else next(
-        (getattr(tm, n) for n in ("load_tuned_configs", "tuned_configs", "_load_tuned_configs")
-         if callable(getattr(tm, n, None))), None)
-    if loader is not None:
-        try:
-            data.append(loader())
-        except TypeError:
-            loader = None  # wants arguments we cannot guess: read the files instead
-    if loader is None:
-        folder = folder if folder is not None else ROOT / "moebert_kernels" / "triton" / "configs"
-        for f in sorted(glob.glob(str(Path(folder) / "*.json"))):
-            data.append(json.loads(Path(f).read_text()))
+    kinds = [k for k in inspect.signature(tm.override_config).parameters]
+    folders = [Path(folder)] if folder is not None else (
+        [Path(os.environ["MOEBERT_TRITON_CONFIG_DIR"])] if os.environ.get("MOEBERT_TRITON_CONFIG_DIR") else []) + [
+        ROOT / "moebert_kernels" / "triton" / "configs"]
     found = []
 
-    def walk(node, path):
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            node = dataclasses.asdict(node)
+    def kind_of(path):
+        for p in reversed(path):
+            low = p.lower()
+            hit = next((k for k in kinds if low.startswith(k)), None)
+            if hit or low.startswith(("up", "down", "bwd", "dx", "dh")):
+                return hit or "gemm"
+        return "gemm"
+
+    def walk(node, path, shape):
         if isinstance(node, dict):
             low = {str(k).lower(): v for k, v in node.items()}
             if all(k in low for k in ("block_m", "block_n", "block_k")):
-                kind = next(("dw" if p.lower().startswith("dw") else "gemm" for p in reversed(path)
-                             if p.lower().startswith(("dw", "gemm", "up", "down", "bwd", "dx", "dh"))), "gemm")
-                bucket = next((int(p) for p in reversed(path) if p.isdigit()), None)
-                found.append((kind, low, bucket))
+                found.append(Tuned(kind_of(path), low, next((int(p) for p in reversed(path) if p.isdigit()), None),
+                                   next((p for p in reversed(path) if p in DTYPES.values()), None), shape))
                 return
             for k, v in node.items():
-                walk(v, path + [str(k)])
-        elif isinstance(node, (list, tuple)):
+                walk(v, path + [str(k)], shape)
+        elif isinstance(node, list):
             for v in node:
-                walk(v, path)
-    for d in data:
-        walk(d, [])
+                walk(v, path, shape)
+    for f in sorted({f for d in folders for f in glob.glob(str(d / "*.json"))}):
+        m = re.search(r"d=(\d+),h=(\d+),E=(\d+)", Path(f).name)
+        walk(json.loads(Path(f).read_text()), [], tuple(int(v) for v in m.groups()) if m else None)
     return found
 
 
@@ -283,12 +288,14 @@ def record_launches(dtypes, buckets=BUCKETS, shapes=SHAPES, config_dir=None) -> 
                     moe(T, d, h, E, dt)
             for T in buckets:  # gated experts (ModernBERT's GeGLU, no biases) at the benchmark's size
                 moe(T, 768, 768, 4, dt, gated=True, bias=False)
-            for kind, fields, bucket in tuned_configs(config_dir):
-                names = {f.name for f in dataclasses.fields(tm.MoEFFNConfig)}
-                cfg = tm.MoEFFNConfig(**{k: v for k, v in fields.items() if k in names})
-                with tm.override_config(**{kind: cfg}):
-                    for d, h, E in shapes[:2]:
-                        moe(bucket or 4096, d, h, E, dt)
+            names = {f.name for f in dataclasses.fields(tm.MoEFFNConfig)}
+            for tuned in tuned_configs(config_dir):
+                if tuned.dtype not in (None, str(dt).replace("torch.", "")):
+                    continue
+                cfg = tm.MoEFFNConfig(**{k: v for k, v in tuned.fields.items() if k in names})
+                with tm.override_config(**{tuned.kind: cfg}):
+                    for d, h, E in [tuned.shape] if tuned.shape else shapes[:2]:
+                        moe(tuned.bucket or 4096, d, h, E, dt)
             # The other kernel families at BERT sizes: one launch shape each (their tiles follow d and C).
             ctx.update(dtype=str(dt).replace("torch.", ""), shape="B=32,S=128,d=768,L=12,C=2")
             hs = [torch.empty(32, 128, 768, dtype=dt, device=meta) for _ in range(12)]
@@ -401,9 +408,9 @@ def _compile_only(job) -> str:
     from triton.backends.compiler import GPUTarget
     fn = getattr(importlib.import_module(launch.module), launch.name)
     fn = fn.fn if isinstance(fn, _Recorder) else fn
-    options, signature, constexprs, attrs = _specialise(fn, launch, ARCHS[arch_name])
+    options, signature, constexprs, attrs = _specialise(fn, launch, arch_number(arch_name))
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", ARCHS[arch_name], 32), options=options.__dict__)
+    triton.compile(src, target=GPUTarget("cuda", arch_number(arch_name), 32), options=options.__dict__)
     return launch.name
 
 
@@ -419,15 +426,19 @@ def warm_up(dtypes, arch_name, jobs) -> int:
 
 
 def native_arch() -> str:
-    """This machine's GPU as a report arch (sm_90 -> sm_90a, as Triton compiles it)."""
-    import torch
-    if not torch.cuda.is_available():
+    """This machine's GPU as a report arch (sm_90 -> sm_90a, as Triton compiles it). Asked of nvidia-smi, or of
+    torch in a child process: CUDA initialised here would be inherited by the forked compile workers."""
+    try:
+        cap = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60).stdout.split()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        cap = subprocess.run([sys.executable, "-c", "import torch; print('%d.%d' % torch.cuda.get_device_capability()"
+                              " if torch.cuda.is_available() else '')"], capture_output=True, text=True,
+                             timeout=120).stdout.strip()
+    if not re.fullmatch(r"\d+\.\d+", cap):
         raise SystemExit("kernel_report --warmup: no GPU here (it compiles for this machine's GPU)")
-    major, minor = torch.cuda.get_device_capability()
-    name = f"sm_{major}{minor}" + ("a" if major == 9 else "")
-    if name not in ARCHS:
-        raise SystemExit(f"kernel_report --warmup: {name} is not one of {list(ARCHS)}")
-    return name
+    major, minor = cap.split(".")
+    return f"sm_{major}{minor}" + ("a" if major == "9" else "")
 
 
 def triton_rows(dtypes, archs, jobs) -> list[dict]:
@@ -471,7 +482,7 @@ def demangle(symbols) -> dict:
 def short_name(demangled: str) -> str:
     """The function name without its namespace, template arguments and parameters (CUTLASS names run long)."""
     depth, out = 0, []
-    for ch in demangled:
+    for ch in demangled.replace("(anonymous namespace)", "anon"):
         if ch == "<":
             depth += 1
         elif ch == ">":
@@ -496,8 +507,11 @@ def cuda_rows(so_path: str, archs) -> list[dict]:
         counts = sass.get((arch_name, sym), {k: 0 for k in SASS_COUNTS})
         full = names.get(sym, sym)
         short = short_name(full)
+        dtype = next((dt for tag, dt in (("__nv_bfloat16", "bfloat16"), ("__half", "float16"), ("<float>", "float32"),
+                                         ("<float,", "float32")) if tag in full), "")
         rows.append(dict(
-            kernel=short, backend="cuda", arch=arch_name, dtype="", config=hashlib.sha1(sym.encode()).hexdigest()[:8],
+            kernel=short, backend="cuda", arch=arch_name, dtype=dtype,
+            config=hashlib.sha1(sym.encode()).hexdigest()[:8],  # one template instance: its symbol's hash
             variant=full[:300], registers=res["REG"], spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
             smem_bytes=res.get("SHARED", 0), ctas_per_sm=None, threads=None,
             gemm=bool(counts["hgmma"] or counts["hmma"]) or "gemm" in full.lower(), shapes=[], symbol=sym, **counts))
@@ -519,7 +533,7 @@ def violations(rows, rules=RULES) -> list[tuple[str, str]]:
         what = []
         if "spill" in rules and r["gemm"] and r["spill_bytes"] > 0:
             what.append(f"GEMM spills {r['spill_bytes']} B ({r['local_loads']} LDL, {r['local_stores']} STL)")
-        sixteen_bit = r["dtype"] in ("bfloat16", "float16") or r["backend"] != "triton"
+        sixteen_bit = r["dtype"] in ("bfloat16", "float16") or (r["backend"] != "triton" and not r["dtype"])
         if "hgmma" in rules and r["gemm"] and arch == 90 and sixteen_bit and r["hgmma"] == 0:
             what.append("sm_90 GEMM without HGMMA (wgmma)")
         if "smem" in rules and r["smem_bytes"] > LIMITS[arch]["smem_per_block"]:
@@ -554,6 +568,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", nargs="?", const=",".join(RULES), default=None, metavar="RULES",
                     help=f"exit 1 on a violation of these rules (comma-separated, default all: {','.join(RULES)})")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    ap.add_argument("--known", action="store_true",
+                    help="also print the violations as KNOWN_VIOLATIONS entries (tests/test_kernel_report.py)")
     ap.add_argument("--warmup", action="store_true",
                     help="only compile every launch for this machine's GPU (fills Triton's cache; no report)")
     args = ap.parse_args(argv)
@@ -594,6 +610,11 @@ def main(argv=None) -> int:
     found = violations(rows, rules)
     for key, what in found:
         print(f"VIOLATION {key}: {what}")
+    if args.known:  # one entry per key, the first reason for it (the test keys on kernel, arch, dtype, config)
+        print("KNOWN_VIOLATIONS = {")
+        for key in dict.fromkeys(k for k, _ in found):
+            print(f"    {key!r}: {next(w for k, w in found if k == key).split(' [')[0]!r},")
+        print("}")
     print(f"kernel_report: {len(rows)} rows, {len(found)} violations")
     return 1 if (args.check is not None and found) else 0
 

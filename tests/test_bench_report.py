@@ -191,3 +191,15 @@ def test_main_writes_report_and_handles_plot(report, tmp_path, capsys):
         assert not png.exists() and "Plot skipped: matplotlib is not installed." in text
     assert "missing.json does not exist" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing.json")]) == 1
+
+
+def test_gpu_first_run_rows_keep_their_order(report, tmp_path):
+    """The GPU benchmark's rows: the equal-FLOPs dense FFN first, each eager row before its CUDA-graph row."""
+    rows, _ = report.load([_write(tmp_path, [
+        _moe("fwd+bwd", 1024, impl, t, t, device_type="cuda", dtype="bfloat16", frac_gemm_pair=0.5)
+        for impl, t in (("triton+graph", 1.0), ("cuda", 3.0), ("loop", 4.0), ("triton", 1.2), ("dense_equal", 0.6),
+                        ("grouped_mm+graph", 1.5), ("grouped_mm", 1.6))], device_type="cuda")])
+    table = report.moe_tables(rows, "median")[("fwd+bwd", 4, "bfloat16")]
+    assert [d["impl"] for d in table] == ["dense_equal", "loop", "grouped_mm", "grouped_mm+graph", "triton",
+                                         "triton+graph", "cuda"]
+    assert all(d["frac_gemm_pair"] == 0.5 for d in table)

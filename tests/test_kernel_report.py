@@ -26,6 +26,7 @@ import kernel_report as kr  # noqa: E402
 _THIN = ("BLOCK_M < 64: Triton emits mma.sync (HMMA) for thin tiles, since a Hopper wgmma needs 64 rows per "
          "warpgroup; give these token buckets 64-row tiles or make the rule exempt them")
 _SPILL = "spills in the epilogue (registers at 255)"
+# Regenerate after a kernel change: python scripts/kernel_report.py --dtypes bf16 --no-cuda --known
 # row_id -> why it is known to fail (triton 3.9, 2026-12-04, `python scripts/kernel_report.py --dtypes bf16`).
 KNOWN_VIOLATIONS = {
     "triton|moe_ffn_bwd_hidden|sm_80|bfloat16|M128 N128 K64 w8 s4": _SPILL + ": 424-824 B",
@@ -159,6 +160,8 @@ arch = sm_90a
     assert kr.parse_sass(sass)[("sm_90a", "_Z9gemm_tileILi128EEvPf")] == dict(
         hgmma=2, hmma=0, tma_loads=1, cp_async=1, local_loads=0, local_stores=1)
     assert kr.short_name("void cutlass::device_kernel<Gemm<128>>(Gemm<128>::Params)") == "device_kernel"
+    assert kr.short_name("void moebert::(anonymous namespace)::_grouped_gemm_kernel<__nv_bfloat16>("
+                         "moebert::(anonymous namespace)::GemmArgs)") == "_grouped_gemm_kernel"
 
 
 _SPILLING_CU = r"""
@@ -206,23 +209,31 @@ def test_cuda_so_with_a_spilling_gemm_is_rejected(tmp_path):
 
 
 def test_tuned_configs_are_read_from_json_and_launched(tmp_path):
-    """Configs as data (moebert_kernels/triton/configs/*.json): each tuned tile reaches the launchers, so the report
-    compiles it. Any nesting works: a config is an object with block sizes, its kind the key above it."""
+    """Configs as data (moebert_kernels/triton/configs/*.json): each tuned tile reaches the launchers at its file's
+    shape and dtype, so the report compiles it. Any nesting works: a config is an object with block sizes, its
+    kind the key above it that names one."""
     tile = {"block_m": 128, "block_n": 256, "block_k": 32, "num_warps": 8, "num_stages": 3}
     dw_tile = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
-    (tmp_path / "NVIDIA_H200.json").write_text(json.dumps(
-        {"device": "NVIDIA H200", "gemm": {"bfloat16": {"4096": tile}}, "dw": {"bfloat16": {"4096": dw_tile}}}))
+    fp32_tile = {"block_m": 32, "block_n": 32, "block_k": 16, "num_warps": 2, "num_stages": 2}
+    (tmp_path / "moe_ffn,d=768,h=3072,E=4,device_name=NVIDIA_H200.json").write_text(json.dumps(
+        {"meta": {"device_name": "NVIDIA_H200"}, "configs": {
+            "gemm": {"bfloat16": {"4096": tile}, "float32": {"4096": fp32_tile}},
+            "dw": {"bfloat16": {"4096": dw_tile}}}}))
     found = kr.tuned_configs(tmp_path)
-    assert sorted((k, b) for k, _, b in found) == [("dw", 4096), ("gemm", 4096)]
+    assert sorted((t.kind, t.bucket, t.dtype, t.shape) for t in found) == [
+        ("dw", 4096, "bfloat16", (768, 3072, 4)), ("gemm", 4096, "bfloat16", (768, 3072, 4)),
+        ("gemm", 4096, "float32", (768, 3072, 4))]
     # Recording needs real JIT kernels: a process without TRITON_INTERPRET (conftest sets it on CPU).
     script = ("import sys, json; sys.path.insert(0, 'scripts'); import kernel_report as kr\n"
               f"ls = kr.record_launches(['bf16'], buckets=[16], shapes=[(768, 768, 4)], config_dir={str(tmp_path)!r})\n"
-              "print(json.dumps(sorted({(ln.name, kr._config_and_variant(ln)[0]) for ln in ls})))")
+              "print(json.dumps(sorted({(ln.name, kr._config_and_variant(ln)[0], ln.shape) for ln in ls})))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    configs = {tuple(c) for c in json.loads(res.stdout.splitlines()[-1])}
-    assert ("_moe_ffn_up_kernel", "M128 N256 K32 w8 s3") in configs
+    launched = {tuple(c) for c in json.loads(res.stdout.splitlines()[-1])}
+    configs = {(name, cfg) for name, cfg, _ in launched}
+    assert ("_moe_ffn_up_kernel", "M128 N256 K32 w8 s3", "T=4096,d=768,h=3072,E=4") in launched
     assert ("_moe_ffn_dw_kernel", "M64 N128 K32 w4 s2") in configs
     assert ("_moe_ffn_up_kernel", "M16 N64 K128 w4 s4") in configs  # the heuristic's own tile for T=16
+    assert not [c for c in configs if c[1].startswith("M32 N32 K16")]  # the fp32 entry is not a bf16 launch
     assert kr.tuned_configs(tmp_path / "none") == []
