@@ -50,9 +50,8 @@
 # TMA), MOEBERT_BUILD_CUDA, MAX_JOBS, MOEBERT_BENCH_MAX_ROUNDS (default 50). If the budget runs out, run it again
 # on the still-warm machine with GPU_CHECK_SKIP="build warmup kernel-report verdicts bench-moe_ffn sanitize": the
 # build and Triton's compile cache stay in place.
-# CUTLASS headers (the GPU machine has no registry): MOEBERT_CUTLASS_INCLUDE, else carry/cutlass/include if it
-# exists (copy the include/ folder of the nvidia-cutlass wheel's cutlass_library/source there and carry
-# "carry/cutlass"); the variable is passed to the build (setup.py reads it).
+# CUTLASS headers (the GPU machine has no registry): MOEBERT_CUTLASS_DIR, else carry/cutlass if it holds
+# include/cutlass (scripts/pack_gpu_carry.sh writes it; carry "carry/cutlass"); setup.py reads the variable.
 # CPATH: if the toolkit lacks cusparse.h (ATen's CUDA headers include it), the include folders of the active
 # python's pip CUDA wheels (nvidia/*/include) are prepended, as scripts/ci_cuda_build.sh does. The driver and
 # the toolkit are never changed.
@@ -113,13 +112,13 @@ fi
 note_setup() { echo "$*" | tee -a "$LOGS/setup.log"; }
 note_setup "python: $PY ($(command -v "$PY" || echo 'not found'))"
 note_setup "CUDA_HOME=${CUDA_HOME:-unset}"
-if [ -z "${MOEBERT_CUTLASS_INCLUDE:-}" ] && [ -d carry/cutlass/include ]; then
-  export MOEBERT_CUTLASS_INCLUDE=$PWD/carry/cutlass/include
+if [ -z "${MOEBERT_CUTLASS_DIR:-}" ] && [ -f carry/cutlass/include/cutlass/cutlass.h ]; then
+  export MOEBERT_CUTLASS_DIR=$PWD/carry/cutlass
 fi
-if [ -n "${MOEBERT_CUTLASS_INCLUDE:-}" ]; then
-  note_setup "MOEBERT_CUTLASS_INCLUDE=$MOEBERT_CUTLASS_INCLUDE (CUTLASS headers for the build)"
+if [ -n "${MOEBERT_CUTLASS_DIR:-}" ]; then
+  note_setup "MOEBERT_CUTLASS_DIR=$MOEBERT_CUTLASS_DIR (CUTLASS headers for the build)"
 else
-  note_setup "MOEBERT_CUTLASS_INCLUDE: unset and no carry/cutlass/include (the build finds CUTLASS its own way or not at all)"
+  note_setup "MOEBERT_CUTLASS_DIR: unset and no carry/cutlass (the build finds CUTLASS in the nvidia-cutlass wheel or skips the extension)"
 fi
 if [ -f "${CUDA_HOME:-/usr/local/cuda}/include/cusparse.h" ]; then
   note_setup "CPATH: unchanged (the toolkit has cusparse.h)"
@@ -162,11 +161,11 @@ for m in ('triton', 'transformers', 'pytest', 'pytest_benchmark', 'pybind11', 'n
 EOF
 echo; nvcc --version | tail -2; compute-sanitizer --version | head -2
 echo CUDA_HOME=\${CUDA_HOME:-unset} CPATH=\${CPATH:-unset} TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST \
-  MOEBERT_CUTLASS_INCLUDE=\${MOEBERT_CUTLASS_INCLUDE:-unset}"
+  MOEBERT_CUTLASS_DIR=\${MOEBERT_CUTLASS_DIR:-unset}"
 
 # A build is reused when the sources it came from are unchanged (their hash is kept beside it in build/).
 stage build 200 60 "set -o pipefail
-hash=\$( (cat setup.py csrc/*; echo \"\$TORCH_CUDA_ARCH_LIST \${MOEBERT_CUTLASS_INCLUDE:-}\") | sha256sum | cut -c1-16)
+hash=\$( (cat setup.py csrc/*; echo \"\$TORCH_CUDA_ARCH_LIST \${MOEBERT_CUTLASS_DIR:-}\") | sha256sum | cut -c1-16)
 if [ -f build/gpu_check_built ] && [ \"\$(cat build/gpu_check_built)\" = \"\$hash\" ] && ls moebert_kernels/_C*.so >/dev/null 2>&1; then
   echo \"build: reusing moebert_kernels/_C (csrc/ and setup.py unchanged, \$hash)\"
 else
