@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import moebert_kernels as mk
+import test_families as families
 from test_model_tools import patched, run_python
 from test_patch import batch, logits
 
@@ -109,6 +110,21 @@ def test_the_stock_class_error_says_how_to_load_the_student(tmp_path):
     with pytest.raises(Exception, match=r"import moebert_kernels.*AutoModel\*\.from_pretrained"):
         transformers.BertForSequenceClassification.from_pretrained(tmp_path)
     assert transformers.AutoConfig.from_pretrained(tmp_path).hidden_act == "gelu"  # the MoE config reads it back
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_no_family_loads_as_a_dense_model_through_its_stock_class(family, tmp_path):
+    model = families.tiny(family)
+    mk.patch(model, num_experts=4, expert_size=24, shared=12, router="hash")
+    model.save_pretrained(tmp_path)
+    stock = getattr(transformers, families._PREFIX[family] + "ForSequenceClassification")
+    with pytest.raises(Exception, match="import moebert_kernels"):
+        stock.from_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    ids, mask = families.batch()
+    with torch.no_grad():
+        torch.testing.assert_close(families.out_of(loaded, ids, mask), families.out_of(model.eval(), ids, mask),
+                                   rtol=0, atol=0)
 
 
 # -- a config.moebert edited by hand -----------------------------------------------------------
