@@ -185,3 +185,12 @@ def test_argument_errors_name_the_problem():
     w1, w2 = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
     with pytest.raises(ValueError, match="needs_grad must hold 6 flags"):
         cuda_moe_ffn.moe_ffn_backward(x, x, None, None, w1, None, w2, None, None, x, "gelu", [True] * 5)
+
+
+def test_older_gpus_get_a_clear_error(monkeypatch):
+    """sm_75 and older: the CUTLASS GEMMs would not run there; the launcher says so before any kernel."""
+    x = torch.zeros(2, 8)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(RuntimeError, match="needs an sm_80 or newer GPU.*sm_75"):
+        cuda_moe_ffn.moe_ffn_forward(x, None, None, None, None, None, None, None, "gelu", False)

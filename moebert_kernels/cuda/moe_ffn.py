@@ -52,6 +52,14 @@ def _ops():
     return torch.ops.moebert_C
 
 
+def _check_arch(x: Tensor) -> None:
+    """The CUTLASS GEMMs need sm_80 or newer (cp.async, bf16 mma); an older GPU gets a clear error, not garbage."""
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        raise RuntimeError(f"the cuda backend of moe_ffn needs an sm_80 or newer GPU (its GEMMs are CUTLASS sm_80/"
+                           f"sm_90a kernels); this one is sm_{major}{minor}: use backend='triton' or 'torch'")
+
+
 def _new_output(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Allocation point for every output (tests swap it for NaN-filled buffers)."""
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
@@ -144,6 +152,7 @@ def moe_ffn_forward(x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, a
     """Backend contract: ``(out [T, d_out], hidden [T, h_up] expert order or empty)``; ``shared_out`` [T, d_out]
     (token order) is added before the gate, in the scatter."""
     code, gated = _activation_code(activation)
+    _check_arch(x)
     args = (x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, code, gated, save_hidden, shared_out)
     if not _aligned(x, w1, w2):
         return _via_fp32(_forward, (x.dtype, x.dtype), *args)
@@ -172,6 +181,7 @@ def moe_ffn_backward(grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, 
     code, gated = _activation_code(activation)
     if len(needs_grad) != 6:
         raise ValueError(f"needs_grad must hold 6 flags (x, w1, b1, w2, b2, gate), got {len(needs_grad)}")
+    _check_arch(x)
     args = (grad_out, x, sorted_token_ids, expert_offsets, w1, b1, w2, b2, gate, hidden, code, gated,
             [bool(n) for n in needs_grad], shared_dx)
     if not _aligned(x, w1, w2):
