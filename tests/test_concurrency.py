@@ -80,7 +80,7 @@ def test_threads_sharing_one_model_each_get_the_single_threaded_result(family, r
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-def test_compiled_model_shared_by_threads(router):
+def test_compiled_model_shared_by_threads(router, compare=1):
     torch._dynamo.reset()
     coef = {"aux_loss_coef": 0.5} if router.endswith("gate") else {}
     model = patched("bert", router, **coef).eval()
@@ -90,12 +90,17 @@ def test_compiled_model_shared_by_threads(router):
     want = [[call(model, *job) for job in thread_jobs] for thread_jobs in jobs]
     for s in shapes:  # compile each shape before the threads start
         call(compiled, *batch(*s))
-    # Logits only: with aux_loss_coef, compiled token_gate calls from two threads were seen to add another
-    # call's aux loss to outputs.loss (1 call in 30, not understood yet; see docs-pending/routing.md).
-    got = run_in_threads(lambda ids, mask: call(compiled, ids, mask)[:1], jobs)
+    got = run_in_threads(lambda ids, mask: call(compiled, ids, mask)[:compare], jobs)
     for t in range(2):
         for i in range(15):
-            assert_same(got[t][i], want[t][i][:1], f"thread {t} call {i}")
+            assert_same(got[t][i], want[t][i][:compare], f"thread {t} call {i}")
+
+
+@pytest.mark.xfail(strict=False, reason="open: compiled token_gate calls from two threads were seen to add another "
+                   "call's aux loss to outputs.loss (about 1 call in 30, in 3 of 5 runs; not seen on the previous "
+                   "main in 5 runs); the logits are right")
+def test_compiled_model_shared_by_threads_adds_each_calls_aux_loss_to_its_loss():
+    test_compiled_model_shared_by_threads("token_gate", compare=2)
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
