@@ -100,7 +100,8 @@ __global__ void _eln_bwd_kernel(Args a, const void* gy, int dgy, int64_t sgy, co
     float c1 = 0.f, c2 = 0.f;
     if (dz != nullptr) {
       for (int64_t c = lane; c < a.d; c += 32) {
-        const float g = load_f(gy, row * sgy + c, dgy) * load_f(a.w, e * a.d + c, a.dw);
+        // __fmul_rn: never contracted into an FMA, so g here and g below round alike (see below).
+        const float g = __fmul_rn(load_f(gy, row * sgy + c, dgy), load_f(a.w, e * a.d + c, a.dw));
         c1 += g;
         c2 += g * (z_at(a, row, c) - mean) * rstd;
       }
@@ -111,7 +112,9 @@ __global__ void _eln_bwd_kernel(Args a, const void* gy, int dgy, int64_t sgy, co
       const float dyv = load_f(gy, row * sgy + c, dgy);
       const float xhat = (z_at(a, row, c) - mean) * rstd;
       if (dz != nullptr) {
-        const float g = dyv * load_f(a.w, e * a.d + c, a.dw);
+        // An FMA of dyv * w - c1 would subtract the rounded g from the exact product: with d = 1 (c1 == g)
+        // dz came out as rstd times a rounding error instead of 0 (found on an H200, 2026-12-04).
+        const float g = __fmul_rn(dyv, load_f(a.w, e * a.d + c, a.dw));
         dz[row * a.d + c] = rstd * (g - c1 - xhat * c2);
       }
       if (my_pw != nullptr) my_pw[e * a.d + c] += dyv * xhat;

@@ -20,8 +20,8 @@ counts of HGMMA (Hopper wgmma), HMMA (mma.sync), UTMALDG (TMA loads) and LDGSTS 
 ``--check`` exits 1 on a violation (``violations()``; tests/test_kernel_report.py enforces it in CI):
 a GEMM that spills, a 16-bit sm_90 GEMM without HGMMA, shared memory over the arch's per-block limit, or a
 kernel that cannot fit one CTA on an SM. A kernel is a GEMM when its Triton IR has ``tt.dot`` (CUDA C++:
-its SASS has HMMA/HGMMA or its name says gemm). fp32 GEMMs in IEEE precision run on FMA units by design,
-so the HGMMA rule covers 16-bit (and TF32) operands only. CUDA C++ shared memory is the static part only
+its SASS has HMMA/HGMMA or its own name, not a template argument, says gemm: ``named_gemm``). fp32 GEMMs in
+IEEE precision run on FMA units by design, so the HGMMA rule covers 16-bit (and TF32) operands only. CUDA C++ shared memory is the static part only
 (CUTLASS sizes its dynamic shared memory at launch).
 """
 from __future__ import annotations
@@ -479,20 +479,45 @@ def demangle(symbols) -> dict:
     return dict(zip(symbols, names if len(names) == len(symbols) else symbols))
 
 
-def short_name(demangled: str) -> str:
-    """The function name without its namespace, template arguments and parameters (CUTLASS names run long)."""
-    depth, out = 0, []
+def _top_level(demangled: str) -> tuple[str, str]:
+    """(qualified function name, its first template argument) of a demangled kernel name; "" where absent."""
+    depth, out, first, in_first = 0, [], [], True
     for ch in demangled.replace("(anonymous namespace)", "anon"):
         if ch == "<":
             depth += 1
         elif ch == ">":
             depth -= 1
+            in_first = in_first and depth > 0
         elif ch == "(" and depth == 0:
             break
         elif depth == 0:
             out.append(ch)
-    name = "".join(out).split()[-1] if "".join(out).split() else demangled
+        elif depth == 1 and ch == ",":
+            in_first = False
+        if depth >= 1 and in_first and not (depth == 1 and ch == "<"):
+            first.append(ch)
+    words = "".join(out).split()
+    return (words[-1] if words else ""), "".join(first).strip()
+
+
+def short_name(demangled: str) -> str:
+    """The function name without its namespace, template arguments and parameters (CUTLASS names run long)."""
+    name = _top_level(demangled)[0] or demangled
     return name.split("::")[-1] or demangled[:60]
+
+
+# CUTLASS launches every kernel through a generic __global__ wrapper; its first template argument is the
+# kernel proper (cutlass::gemm::kernel::GemmUniversal<...>), so that argument's own name is what says GEMM.
+CUTLASS_WRAPPERS = ("cutlass::device_kernel", "cutlass::Kernel", "cutlass::Kernel2")
+
+
+def named_gemm(demangled: str) -> bool:
+    """Whether the kernel's own name says GEMM: not its template arguments, where ``_sm90_args_kernel<Sm90Gemm<..>>``
+    (the device-side argument builder, no tensor cores by design) names the GEMM it prepares for."""
+    name, first = _top_level(demangled)
+    if name in CUTLASS_WRAPPERS:
+        name = _top_level(first)[0]
+    return "gemm" in name.split("::")[-1].lower() or name.startswith("cutlass::gemm::")
 
 
 def cuda_rows(so_path: str, archs) -> list[dict]:
@@ -514,7 +539,7 @@ def cuda_rows(so_path: str, archs) -> list[dict]:
             config=hashlib.sha1(sym.encode()).hexdigest()[:8],  # one template instance: its symbol's hash
             variant=full[:300], registers=res["REG"], spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
             smem_bytes=res.get("SHARED", 0), ctas_per_sm=None, threads=None,
-            gemm=bool(counts["hgmma"] or counts["hmma"]) or "gemm" in full.lower(), shapes=[], symbol=sym, **counts))
+            gemm=bool(counts["hgmma"] or counts["hmma"]) or named_gemm(full), shapes=[], symbol=sym, **counts))
     return rows
 
 

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-def build(kernel, types, consts, num_warps, arch, num_stages=3):
+def build(kernel, types, consts, num_warps, arch, num_stages=3, **options):
     sig, attrs = {}, {}
     for i, n in enumerate(kernel.arg_names):
         sig[n] = "constexpr" if n in consts else types[n]
@@ -24,7 +24,7 @@ def build(kernel, types, consts, num_warps, arch, num_stages=3):
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **options))
 """
 
 

@@ -284,3 +284,41 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         pytest.skip("triton (with its NVIDIA backend and ptxas) is not installed")
     res = _aot.run(_AOT_BODY)
     assert res.returncode == 0 and res.stdout.strip().endswith("compiled ok"), res.stderr[-4000:]
+
+
+_NO_FMA_BODY = r"""
+from moebert_kernels.triton import expert_layer_norm as K
+
+k = build(K._eln_bwd_kernel, dict(dy_ptr="*fp32", x_ptr="*fp32", r_ptr="*fp32", ids_ptr="*i64", w_ptr="*fp32",
+          mean_ptr="*fp32", rstd_ptr="*fp32", dz_ptr="*fp32", pw_ptr="*fp32", pb_ptr="*fp32", T="i32", d="i32",
+          E="i32", stride_dy="i32", stride_x="i32", stride_r="i32"),
+          dict(HAS_RESIDUAL=True, NEED_DZ=True, NEED_DW=False, NEED_DB=False, ACC=K.tl.float32, ROWS=K.ROWS,
+               BLOCK_D=128), 1, 90, **K.BWD_OPTIONS)
+print("fma.rn.f32" in k.asm["ptx"], "ptx ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_d1_with_a_transposed_layout checks this")
+def test_triton_backward_compiles_without_fma_contraction():
+    """The GPU-only failure of test_d1_with_a_transposed_layout: fused, dy * w - c1 left rstd * (rounding error)
+    in dz where d = 1 gives exactly 0. The interpreter never fuses, so check the compiled sm_90 code."""
+    import _aot
+
+    if not _aot.have_ptxas():
+        pytest.skip("triton (with its NVIDIA backend and ptxas) is not installed")
+    res = _aot.run(_NO_FMA_BODY)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ptx ok"), res.stderr[-4000:]
+    assert res.stdout.split()[0] == "False", "the backward kernel's PTX has fma.rn.f32: dz loses its cancellation"
+
+
+def test_cuda_backward_products_are_not_contracted():
+    """Same bug in csrc (nvcc contracts a * b - c by default; no nvcc build here): the g = dy * w that feeds
+    g - c1 must be __fmul_rn in both of the backward kernel's loops."""
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "expert_layer_norm.cu").read_text()
+    body = src[src.index("__global__ void _eln_bwd_kernel"):src.index("// ---- host side")]
+    products = re.findall(r"const float g = ([^;]*);", body)
+    assert len(products) == 2, products
+    assert all(p.startswith("__fmul_rn(") for p in products), products

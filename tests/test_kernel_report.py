@@ -164,6 +164,26 @@ arch = sm_90a
                          "moebert::(anonymous namespace)::GemmArgs)") == "_grouped_gemm_kernel"
 
 
+def test_a_kernel_is_a_gemm_by_its_own_name_not_its_template_arguments():
+    """The H200 run (2026-12-04) flagged the device-side argument builder as "sm_90 GEMM without HGMMA"."""
+    args_builder = ("void moebert::(anonymous namespace)::_sm90_args_kernel<moebert::(anonymous namespace)::Sm90Gemm<"
+                    "cutlass::bfloat16_t, cutlass::gemm::GemmShape<128, 128, 64>>>(moebert::GroupArgs, int)")
+    assert not kr.named_gemm(args_builder)
+    assert kr.named_gemm("void moebert::(anonymous namespace)::_grouped_gemm_kernel<__nv_bfloat16>(GemmArgs)")
+    assert kr.named_gemm("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int>, "
+                         "CollectiveMma<Sm90>, Epilogue, void>>(GemmUniversal<...>::Params)")
+    assert kr.named_gemm("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_128x128_32x3_tn_align8>("
+                         "cutlass_80_tensorop_bf16_s16816gemm_128x128_32x3_tn_align8::Params)")
+    assert not kr.named_gemm("void cutlass::device_kernel<cutlass::reduction::kernel::ReduceSplitK<Gemm<1>>>(P)")
+    assert not kr.named_gemm("void moebert::(anonymous namespace)::_plan_kernel(long const*, long, int)")
+    # and so the report's rule: an HGMMA-less 16-bit sm_90 kernel is a violation only when it is a GEMM
+    row = dict(kernel="_sm90_args_kernel", backend="cuda", arch="sm_90a", dtype="", config="c",
+               variant=args_builder, registers=24, spill_bytes=0, smem_bytes=1024, ctas_per_sm=None, threads=None,
+               gemm=kr.named_gemm(args_builder), shapes=[], hgmma=0, hmma=0, tma_loads=0, cp_async=0,
+               local_loads=0, local_stores=0)
+    assert kr.violations([row]) == []
+
+
 _SPILLING_CU = r"""
 // A "GEMM" that keeps 64 live accumulators under a 32-register cap: ptxas must spill them to the stack.
 __global__ void spilling_gemm(const float* __restrict__ a, float* __restrict__ out, int n) {

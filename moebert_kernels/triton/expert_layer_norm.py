@@ -21,6 +21,10 @@ from . import on_input_device
 
 __all__ = ["expert_layer_norm_forward", "expert_layer_norm_backward"]
 
+# Backward compile options. No FMA contraction: fused, ``dy * w - c1`` subtracts the rounded g (summed into
+# c1) from the exact product, so d = 1 gave dz = rstd * (rounding error) instead of 0 (Triton 3.6 fuses by
+# default; found on an H200, 2026-12-04; the interpreter never fuses).
+BWD_OPTIONS = dict(enable_fp_fusion=False)
 ROWS = 32  # rows per backward program: the partial table is T/32 x E x d (fp32, fp64 for fp64 inputs)
 # The statistics' dtype (ops.expert_layer_norm.stats_dtype): fp32, or fp64 for fp64 inputs.
 _ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -134,7 +138,7 @@ def expert_layer_norm_backward(grad_y, x, residual, expert_ids, weight, mean, rs
                               pb if pb is not None else dummy, T, d, E, grad_y.stride(0), x.stride(0), r.stride(0),
                               HAS_RESIDUAL=residual is not None, NEED_DZ=need_dz, NEED_DW=need_dw,
                               NEED_DB=need_db, ACC=_ACC[acc], ROWS=ROWS, BLOCK_D=block,
-                              num_warps=_num_warps(block))
+                              num_warps=_num_warps(block), **BWD_OPTIONS)
     dw = pw.sum(0).to(acc) if need_dw else None
     db = pb.sum(0).to(acc) if need_db else None
     return dz, dw, db
