@@ -12,13 +12,12 @@ copy, pickle), so they never go stale and never enter a checkpoint.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..ops.moe_ffn_int8 import moe_ffn_int8, pack_weights, quantize_weight
+from ..ops.moe_ffn_int8 import moe_ffn_int8, pack_experts, quantize_weight
 from ..ops.routing import RoutingPlan
 from .moe import MoEFeedForward
 
@@ -97,15 +96,13 @@ class QuantizedMoEFeedForward(MoEFeedForward):
     def _packed_weights(self):
         packed = self._packed
         if packed is None:  # two threads may both build it: each gets a complete, equal copy
-            E, b1, b2 = self.num_experts, self.b1, self.b2
-            with warnings.catch_warnings():  # torch deprecates quantized tensors, fbgemm still takes them packed
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-                up = [pack_weights(self.w1_q[e], self.w1_scale[e], None if b1 is None else b1[e]) for e in range(E)]
-                down = [pack_weights(self.w2_q[e], self.w2_scale[e], None if b2 is None else b2[e]) for e in range(E)]
-                shared = (None, None)
-                if self.shared_size:
-                    shared = (pack_weights(self.shared_w1_q, self.shared_w1_scale, self.shared_b1),
-                              pack_weights(self.shared_w2_q, self.shared_w2_scale, None))
+            up = pack_experts(self.w1_q, self.w1_scale, self.b1)
+            down = pack_experts(self.w2_q, self.w2_scale, self.b2)
+            shared = (None, None)
+            if self.shared_size:
+                b1s = None if self.shared_b1 is None else self.shared_b1[None]  # one "expert" each
+                shared = (pack_experts(self.shared_w1_q[None], self.shared_w1_scale[None], b1s)[0],
+                          pack_experts(self.shared_w2_q[None], self.shared_w2_scale[None], None)[0])
             self._packed = packed = (up, down, *shared)
         return packed
 

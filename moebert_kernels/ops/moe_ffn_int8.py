@@ -19,6 +19,7 @@ match the kernel to float rounding and lets tests catch a wrong scale far below 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 from .moe_ffn import activate, moe_ffn_reference
 from .routing import RoutingPlan
 
-__all__ = ["quantize_weight", "dequantize_weight", "pack_weights", "moe_ffn_int8", "moe_ffn_int8_reference",
+__all__ = ["quantize_weight", "dequantize_weight", "pack_weights", "pack_experts", "moe_ffn_int8", "moe_ffn_int8_reference",
            "quantize_activation_like_kernel"]
 
 QMAX = 127  # symmetric int8: -128 is never used, so -w quantizes to -w_q
@@ -58,6 +59,13 @@ def pack_weights(w_q: Tensor, scale: Tensor, bias: Optional[Tensor]):
     zero = torch.zeros(scale.shape[0], dtype=torch.int64)
     q = torch._make_per_channel_quantized_tensor(w_q.cpu(), scale.double().cpu(), zero, 0)
     return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float().cpu().contiguous())
+
+
+def pack_experts(w_q: Tensor, scale: Tensor, bias: Optional[Tensor]) -> list:
+    """``pack_weights`` of every expert of stacked ``w_q [E, n, k]``, ``scale [E, n]``, ``bias [E, n]`` or None."""
+    with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm still takes them, packed
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return [pack_weights(w_q[e], scale[e], None if bias is None else bias[e]) for e in range(w_q.shape[0])]
 
 
 def _linear(x: Tensor, packed) -> Tensor:
