@@ -14,7 +14,7 @@ from torch import nn
 
 import moebert_kernels as mk
 from moebert_kernels.modules.quantized import QuantizedMoEFeedForward
-from moebert_kernels.ops.moe_ffn_int8 import moe_ffn_int8_reference
+from moebert_kernels.ops.moe_ffn_int8 import dequantize_weight, moe_ffn_int8_reference
 from test_families import FAMILIES, batch, out_of, tiny
 
 ROUTERS = ["hash", "token_gate", "sentence_gate"]
@@ -79,6 +79,13 @@ def test_every_family_and_router(family, router):
     assert layers and all(isinstance(m, QuantizedMoEFeedForward) for m in layers)
     assert not any(isinstance(m, nn.Linear) and type(m) is nn.Linear and "router" not in n
                    for n, m in q.named_modules()), "an nn.Linear was left float"
+    for f, m in zip(mk.moe_layers(model), layers):  # int8 weights within half a step of the float ones
+        for name in ("w1", "w2", "shared_w1", "shared_w2"):
+            w = getattr(f, name)
+            if w is not None:
+                scale = getattr(m, f"{name}_scale").unsqueeze(-1)
+                err = (dequantize_weight(getattr(m, f"{name}_q"), getattr(m, f"{name}_scale")) - w).abs()
+                assert bool((err <= scale * 0.5001).all()), name
     for m in layers:  # the gate stays float, so the int8 student routes as its own hidden states say
         assert m.router is None or not hasattr(m.router, "proj") or type(m.router.proj) is nn.Linear
         assert m._routing is not None and m._routing is layers[0]._routing
