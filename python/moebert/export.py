@@ -14,6 +14,7 @@ def run(args) -> int:
         raise ValueError(f"{args.model} is not a MoEBERT student (its config.json has no 'moebert' settings): "
                          "export a folder written by `moebert convert` or `moebert distill`")
     model = load_student(args.model, device="cpu")
-    file = mo.export(model.float(), args.output, load_tokenizer(args.model), check=not args.no_check)
-    print(f"wrote {file} (checked in onnxruntime: {not args.no_check})")
+    int8 = getattr(args, "int8", False)
+    file = mo.export(model.float(), args.output, load_tokenizer(args.model), check=not args.no_check, int8=int8)
+    print(f"wrote {file} ({'int8' if int8 else 'fp32'}; checked in onnxruntime: {not args.no_check})")
     return 0
