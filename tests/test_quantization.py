@@ -18,7 +18,9 @@ from moebert_kernels.ops.moe_ffn_int8 import dequantize_weight, moe_ffn_int8_ref
 from test_families import FAMILIES, batch, out_of, tiny
 
 ROUTERS = ["hash", "token_gate", "sentence_gate"]
-TIGHT = 1e-5
+# fp32 accumulation order, and a rounding tie the kernel resolves the other way (fbgemm multiplies by 1/scale)
+# moving one activation by one step; a 1% scale error reads ~1e-2, a misrouted token O(1)
+TIGHT = 1e-4
 MODEL_INT8 = 0.1  # whole model, int8 attention and experts, logits of a random tiny model: measured < 3%
 
 
@@ -95,7 +97,7 @@ def test_every_family_and_router(family, router):
     got = check_layers_inside(q, ids, mask)
     with torch.no_grad():
         want = out_of(model, ids, mask)
-    assert rel(got, want) < MODEL_INT8
+    assert rel(got, want) < MODEL_INT8, rel(got, want)
 
 
 def test_save_load_state_dict_and_stale_packs():
