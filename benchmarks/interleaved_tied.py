@@ -1,5 +1,9 @@
 """Dense BERT-base against its students, timed interleaved: ``python benchmarks/interleaved_tied.py``.
 
+fp32, bf16 and int8 (``moebert_kernels.quantize_dynamic``), in PyTorch and (``--runtimes torch,ort``) in
+onnxruntime from ``moebert_kernels.onnx.export(..., int8=...)``; each ratio is against the dense model of
+the same dtype and runtime.
+
 ``test_bench_tied.py`` runs its cases one after another, so on a shared VM a neighbour's load between two
 cases moves their ratio (two quiet runs on one host gave the tied student at B=1 fp32 1.84x and 1.37x).
 Here every round calls each model once, in rotating order, and the ratio of each round is taken before
@@ -23,15 +27,20 @@ from _timing import cpu_model, pin_glibc_malloc, set_cpu_threads  # noqa: E402
 from test_bench_tied import MODELS, SEQ, _ffn  # noqa: E402
 
 
-def _models(dtype, what: str):
+def _models(dtype, what: str, runtime: str = "torch"):
+    """``dtype``: a torch float dtype, or ``"int8"``: ``moebert_kernels.quantize_dynamic`` of the fp32 models
+    (torch.ao's dynamic int8 for the dense model, int8 experts for the students). ``runtime="ort"``: each
+    model exported (``export(..., int8=...)``) and run in onnxruntime with as many threads as torch."""
     import copy
 
     import transformers
 
-    from moebert_kernels import patch
+    from moebert_kernels import patch, quantize_dynamic
 
+    int8 = dtype == "int8"
+    cast = quantize_dynamic if int8 else (lambda m: m.to(dtype))
     if what == "ffn":
-        return {k: _ffn(k).eval().to(dtype) for k in MODELS}
+        return {k: cast(_ffn(k).eval()) for k in MODELS}
     torch.manual_seed(0)
     base = transformers.BertModel(transformers.BertConfig()).eval()
     out = {}
@@ -39,8 +48,21 @@ def _models(dtype, what: str):
         net = copy.deepcopy(base)
         if kw is not None:
             patch(net, **kw)
-        out[k] = net.to(dtype)
+        if runtime == "ort":
+            out[k] = _ort(net, k, int8)
+        else:
+            out[k] = cast(net)
     return out
+
+
+def _ort(net, name: str, int8: bool):
+    import tempfile
+
+    import moebert_kernels.onnx as mo
+
+    folder = tempfile.mkdtemp(prefix=f"interleaved_{name}_")
+    # export's own parity check runs on a tiny batch: int8 within INT8_TOLERANCE, fp32 within 1e-4
+    return mo.OrtModel(mo.export(net, folder, int8=int8), threads=torch.get_num_threads())
 
 
 def _calls(models, what: str, B: int, dtype):
@@ -54,9 +76,9 @@ def _calls(models, what: str, B: int, dtype):
     return {k: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for k, m in models.items()}
 
 
-def measure(what: str, B: int, dtype, rounds: int, warmup_s: float) -> dict:
-    models = _models(dtype, what)
-    calls = _calls(models, what, B, dtype)
+def measure(what: str, B: int, dtype, rounds: int, warmup_s: float, runtime: str = "torch", models=None) -> dict:
+    models = models if models is not None else _models(dtype, what, runtime)
+    calls = _calls(models, what, B, torch.float32 if dtype == "int8" else dtype)
     names = list(calls)
     times = {k: [] for k in names}
     with torch.inference_mode():
@@ -71,14 +93,15 @@ def measure(what: str, B: int, dtype, rounds: int, warmup_s: float) -> dict:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ratio = {k: statistics.median(d / t for d, t in zip(times["dense"], times[k])) for k in names}
-    return {"what": what, "B": B, "T": B * SEQ, "dtype": str(dtype).replace("torch.", ""), "median_ms": med,
-            "speedup_vs_dense": ratio, "rounds": rounds}
+    return {"what": what, "B": B, "T": B * SEQ, "dtype": str(dtype).replace("torch.", ""), "runtime": runtime,
+            "median_ms": med, "speedup_vs_dense": ratio, "rounds": rounds}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8", help="torch float dtypes and/or int8")
+    p.add_argument("--runtimes", default="torch", help="torch and/or ort (onnxruntime: encoder only, fp32/int8)")
     p.add_argument("--what", default="model,ffn", help="model (encoder at S=128), ffn (the layer on B*128 tokens)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=float, default=1.5, help="seconds of warm-up per model")
@@ -91,16 +114,20 @@ def main(argv=None) -> int:
            "load_at_start": os.getloadavg(), "command": " ".join(["python", *sys.argv])}
     print(f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['date']}, load {env['load_at_start']}")
     rows = []
-    for what in a.what.split(","):
-        for dt in a.dtypes.split(","):
-            for B in (int(b) for b in a.batches.split(",")):
-                if what == "ffn" and B != 1:
-                    continue  # the layer alone at T=128 (B=1's tokens), as test_bench_tied
-                r = measure(what, B, getattr(torch, dt), a.rounds, a.warmup)
-                rows.append(r)
-                print(f"{what:5s} B={B} {r['dtype']:8s} " + "  ".join(
-                    f"{k} {r['median_ms'][k]:.2f} ms ({r['speedup_vs_dense'][k]:.2f}x)" for k in r["median_ms"]),
-                    flush=True)
+    for what, rt, dt in ((w, rt, dt) for w in a.what.split(",") for rt in a.runtimes.split(",")
+                         for dt in a.dtypes.split(",")):
+        if rt == "ort" and (what != "model" or dt not in ("float32", "int8")):
+            continue  # onnxruntime: the exported encoder, fp32 or int8
+        dtype = dt if dt == "int8" else getattr(torch, dt)
+        models = _models(dtype, what, rt)  # once for every batch size
+        for B in (int(b) for b in a.batches.split(",")):
+            if what == "ffn" and B != 1:
+                continue  # the layer alone at T=128 (B=1's tokens), as test_bench_tied
+            r = measure(what, B, dtype, a.rounds, a.warmup, rt, models)
+            rows.append(r)
+            print(f"{what:5s} {rt:5s} B={B} {r['dtype']:8s} " + "  ".join(
+                f"{k} {r['median_ms'][k]:.2f} ms ({r['speedup_vs_dense'][k]:.2f}x)" for k in r["median_ms"]),
+                flush=True)
     with open(a.json, "w") as f:
         json.dump({"machine": env, "results": rows}, f, indent=1)
     return 0

@@ -10,7 +10,7 @@ with hash routing, exported with ``moebert_kernels.onnx.export`` (the dense mode
   PyTorch student / ORT student). pytest-benchmark's own stats are of one whole round.
 - dtypes: fp32 in both runtimes; bf16 weights in PyTorch where the CPU has AVX512-BF16 or AMX-BF16
   (stock onnxruntime's CPU provider has no bf16 MatMul, so ORT's bf16 row is missing); int8 in ORT as
-  ``quantize_dynamic`` (QInt8 weights) of both files (``MOEBERT_BENCH_INT8=0`` skips it).
+  ``moebert_kernels.onnx.quantize_int8`` of both files (what ``export(..., int8=True)`` writes) (``MOEBERT_BENCH_INT8=0`` skips it).
 - Every callable is warmed up for ``MOEBERT_BENCH_WARMUP_S`` seconds (default 2) before timing: first
   touches of fresh memory are expensive on these VMs. ORT runs with 2 intra-op threads (the torch
   thread count), sequential execution.
@@ -69,11 +69,11 @@ def _models(tmp_path_factory):
 
 
 def _int8(file: str) -> str:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from moebert_kernels.onnx import quantize_int8  # per-channel, 7-bit weights: what `export --int8` writes
 
     out = file.replace(".onnx", ".int8.onnx")
     if not os.path.exists(out):
-        quantize_dynamic(file, out, weight_type=QuantType.QInt8)
+        quantize_int8(file, out)
     return out
 
 

@@ -6,7 +6,8 @@ from .modules import (BalancedHashRouter, HashRouter, MoEFeedForward, SentenceGa
 from .ops import BackendUnavailableError, RoutingPlan, moe_ffn, select_backend
 from .ops import DistillOutput, distill_loss, distill_loss_reference
 from .ops import expert_layer_norm, expert_layer_norm_reference
-from .modules import DistillationLoss
+from .modules import DistillationLoss, QuantizedMoEFeedForward
+from .quantization import quantize_dynamic
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,7 @@ __all__ = [
     "moe_layers",
     "ops",
     "patch",
+    "QuantizedMoEFeedForward",
+    "quantize_dynamic",
     "select_backend",
 ]

@@ -218,6 +218,20 @@ class MoEFeedForward(nn.Module):
                                 residual=None if residual is None else residual.reshape(-1, d), backend=self.backend)
         return out.reshape(shape)
 
+    def experts(self, x: Tensor, plan: RoutingPlan, gate: Optional[Tensor]) -> Tensor:
+        """The routed (and shared) FFN of ``x [T, d]``, before dropout and LayerNorm; the part a quantized
+        subclass (``modules.quantized``) replaces."""
+        weights = (self.w1, self.b1, self.w2, self.b2)
+        shared = (self.shared_w1, self.shared_b1, self.shared_w2) if self.shared_size else (None, None, None)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                x, *weights = (None if t is None else t.to(dt) for t in (x, *weights))
+                shared = tuple(t if t is None else t.to(dt) for t in shared)
+                return moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
+        return moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
+
     def forward(self, hidden_states: Tensor, input_tensor: Optional[Tensor] = None, *,
                 plan: Optional[RoutingPlan] = None, input_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -232,19 +246,7 @@ class MoEFeedForward(nn.Module):
         if call is not None and not call.ended:  # (a checkpoint's recompute leaves the call's record alone)
             call.aux_losses[self.layer_idx] = aux_loss
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, self.hidden_size)
-        weights = (self.w1, self.b1, self.w2, self.b2)
-        shared = (self.shared_w1, self.shared_b1, self.shared_w2) if self.shared_size else (None, None, None)
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            dt = torch.get_autocast_dtype(dev)
-            with torch.autocast(dev, enabled=False):
-                x, *weights = (None if t is None else t.to(dt) for t in (x, *weights))
-                shared = tuple(t if t is None else t.to(dt) for t in shared)
-                y = moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
-        else:
-            y = moe_ffn(x, plan, *weights, gate, self.activation, self.backend, *shared)
-        y = self.dropout(y).reshape(shape)
+        y = self.dropout(self.experts(hidden_states.reshape(-1, self.hidden_size), plan, gate)).reshape(shape)
         if not self.expert_norm:
             return y
         if not self.fuse_norm:

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_arg(p)
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime parity check of the file (default: check)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights for every MatMul, experts included (onnxruntime dynamic quantization; "
+                        "default: fp32)")
     p.set_defaults(func=lambda a: __import__("moebert.export", fromlist=["run"]).run(a))
 
     p = sub.add_parser("study", help="quality study: MoE students beside the pruned dense baseline, seeds, tasks")

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=5.0, help="distillation weight (paper's lambda_distill)")
     p.add_argument("--speed-rounds", type=int, default=2, help="timing passes per model (best one counts)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--int8", action="store_true",
+                   help="also score and time every model quantized with moebert_kernels.quantize_dynamic "
+                        "(int8 CPU inference; needs --device cpu)")
 
 
 def demo_model_path(explicit=None) -> str:
@@ -177,7 +180,14 @@ def run(args) -> int:
     models = {"teacher": load_any(teacher_dir, task, device)}
     models.update({v["name"]: load_any(os.path.join(workdir, v["folder"]), task, device) for v in variants})
     feats = encode(tokenizer, task, rows, args.max_length, label_maps(task, rows.labels, models["teacher"].config))
+    if args.int8:  # timed in alternation with the float models, on the same batches
+        models.update(_int8_models(models, device))
     result = compare(models, task, feats, tokenizer, device, rounds=args.speed_rounds)
+    for name in list(result):
+        if name.endswith(INT8_SUFFIX):  # same parameters as the float model, stored in int8
+            src = result[name[:-len(INT8_SUFFIX)]]
+            result[name].update(model=src["model"] + " int8", params_total=src["params_total"],
+                                params_active=src["params_active"])
     before = compare({v["name"]: load_any(os.path.join(workdir, v["folder"] + "-init"), task, device)
                       for v in variants}, task, feats, tokenizer, device, rounds=0)
     timings["evaluate"] = time.perf_counter() - t0
@@ -197,6 +207,18 @@ def run(args) -> int:
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+INT8_SUFFIX = " int8"
+
+
+def _int8_models(models: dict, device: str) -> dict:
+    """Each model through ``moebert_kernels.quantize_dynamic`` (int8 attention, heads and experts)."""
+    import moebert_kernels as mk
+
+    if device != "cpu":
+        raise ValueError(f"--int8 measures int8 CPU inference; the demo runs on {device}: add --device cpu")
+    return {name + INT8_SUFFIX: mk.quantize_dynamic(m) for name, m in models.items()}
 
 
 def _backend_used(model, device: str) -> str:

@@ -18,9 +18,10 @@ def run(args) -> int:
         raise ValueError(f"{args.model} is not a MoEBERT student (its config.json has no 'moebert' settings): "
                          "export a folder written by `moebert convert` or `moebert distill`")
     model = load_student(args.model, device="cpu")
+    int8 = getattr(args, "int8", False)
     # Written beside the target and moved in only after the parity check: a failed export leaves --output as it was.
     with replaced_folder(args.output) as tmp:
-        file = mo.export(model.float(), tmp, load_tokenizer(args.model), check=not args.no_check)
+        file = mo.export(model.float(), tmp, load_tokenizer(args.model), check=not args.no_check, int8=int8)
     file = os.path.join(args.output, os.path.basename(file))
-    print(f"wrote {file} (checked in onnxruntime: {not args.no_check})")
+    print(f"wrote {file} ({'int8' if int8 else 'fp32'}; checked in onnxruntime: {not args.no_check})")
     return 0
