@@ -112,6 +112,25 @@ def test_compiled_model_shared_by_threads_adds_each_calls_aux_loss_to_its_loss(r
     test_compiled_model_shared_by_threads(router, compile_in_place=compile_in_place, widen_race=True)
 
 
+def test_a_model_with_aux_loss_inlined_into_a_larger_compiled_graph_adds_its_aux_loss():
+    # Traced inside another module's frame, the model's hooks are inlined: no turn to take, no graph break.
+    torch._dynamo.reset()
+    model = patched("bert", "token_gate", aux_loss_coef=0.5).eval()
+
+    class Caller(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask):
+            return self.model(input_ids=ids, attention_mask=mask, labels=labels_for(ids)).loss
+
+    ids, mask = batch()
+    want = call(model, ids, mask)[1]
+    got = torch.compile(Caller(), fullgraph=True, backend="eager")(ids, mask)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 @pytest.mark.parametrize("router", ["hash", "sentence_gate"])
 def test_a_call_made_inside_a_call_of_the_same_model_leaves_the_outer_call_its_plans(family, router):

@@ -15,6 +15,9 @@ several threads, be called inside its own forward, and be recomputed by activati
 - **torch.compile / torch.export.** Dynamo cannot trace a ContextVar. While compiling, the call is
   set as an attribute on each of its layers (``_traced_routing``) instead: inside a traced graph those
   reads are traced values, and the attribute is None again when the graph returns.
+  The aux losses leave a compiled forward as the layers' ``aux_loss`` attributes; the model's loss hook
+  reads them in a frame of its own, so compiled calls with ``aux_loss_coef`` take turns (``hf/patch.py``)
+  and ``remember_aux_losses`` records them for the calling thread.
 - **After the call.** ``end`` records each layer's aux loss in the caller's context, for
   ``aux_loss(model)`` and the hook that adds it to ``outputs.loss``: each thread reads its own last call.
 """
