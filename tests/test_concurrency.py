@@ -112,6 +112,23 @@ def test_compiled_model_shared_by_threads_adds_each_calls_aux_loss_to_its_loss(r
     test_compiled_model_shared_by_threads(router, compile_in_place=compile_in_place, widen_race=True)
 
 
+def test_a_compiled_call_that_raises_gives_its_turn_back():
+    torch._dynamo.reset()
+    model = patched("bert", "token_gate", aux_loss_coef=0.5).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    ids, mask = batch()
+    want = call(model, ids, mask)
+    call(compiled, ids, mask)
+    with pytest.raises(IndexError):  # a token id outside the embedding table, raised inside the compiled forward
+        compiled(input_ids=torch.full_like(ids, V + 5), attention_mask=mask, labels=labels_for(ids))
+    got = []
+    other = threading.Thread(target=lambda: got.append(call(compiled, ids, mask)), daemon=True)
+    other.start()
+    other.join(timeout=120)
+    assert not other.is_alive(), "another thread's compiled call waited for a turn the failed call kept"
+    assert_same(got[0], want, "the next call")
+
+
 def test_a_model_with_aux_loss_inlined_into_a_larger_compiled_graph_adds_its_aux_loss():
     # Traced inside another module's frame, the model's hooks are inlined: no turn to take, no graph break.
     torch._dynamo.reset()
