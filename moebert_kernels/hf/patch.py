@@ -8,15 +8,18 @@ checked before the model is touched, so a bad call leaves the model as it was.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from ..modules.moe import DeferredExpertLayerNorm, MoEFeedForward
 from ..modules.routers import ROUTERS, BalancedHashRouter, HashRouter, SentenceGate, TokenGate
-from ..modules.routing_state import RoutingState, bind_to_call, last_aux_loss
+from ..modules.routing_state import RoutingState, bind_to_call, last_aux_loss, remember_aux_losses
 from ..ops.dispatch import BACKENDS
 from ..ops.moe_ffn import ACTIVATIONS
 
@@ -362,7 +365,8 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
     base.register_forward_pre_hook(_begin_batch, with_kwargs=True)
     base.register_forward_hook(_end_batch, always_call=True)
     if aux_loss_coef:
-        model.register_forward_hook(_add_aux_loss, with_kwargs=True)
+        model.register_forward_pre_hook(_take_turn)
+        model.register_forward_hook(_add_aux_loss, with_kwargs=True, always_call=True)
     config.__class__ = moe_config_class(family)
     config.moebert = asdict(MoEBertSettings(num_experts, expert_size, shared, router, seed, activation,
                                             float(aux_loss_coef), tie_shared))
@@ -413,7 +417,58 @@ class _CheckpointInCall:
         return self.checkpoint(bind_to_call(function), *args, **kwargs)
 
 
+# torch.compile(model) and model.compile() run the model's own hooks as frames of their own, outside the
+# compiled forward: its graph hands the layers' aux losses out as attributes (``layer.aux_loss``) and the
+# loss hook reads them back, so another thread's compiled call could land in between and lend this call its
+# aux loss. Such calls of one model take turns, from the pre-hook to the loss hook; eager calls (whose
+# losses stay in their context) and calls inlined into a larger graph (one frame) do not. Both hooks run
+# eagerly when dynamo meets them as a frame of their own (skip_code) and are traced when inlined.
+_TURNS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_TURNS_LOCK = threading.Lock()
+_HELD = threading.local()  # .models: the models whose turn this thread holds, innermost last
+
+
+def _between_compiled_frames() -> bool:
+    # An eager hook under dynamo's frame callback; is_compiling first, so a traced hook reads nothing else.
+    return not torch.compiler.is_compiling() and get_eval_frame_callback() is not None
+
+
+def _take_turn(model: nn.Module, args) -> None:
+    if _between_compiled_frames():
+        _wait_for_turn(model)
+
+
 def _add_aux_loss(model: nn.Module, args, kwargs, output):
+    if _between_compiled_frames():
+        return _add_aux_loss_in_turn(model, kwargs, output)
+    return _with_aux_loss(model, kwargs, output)
+
+
+@torch.compiler.disable  # (the hooks' eager branches: their callees must not become compiled frames)
+def _wait_for_turn(model: nn.Module) -> None:
+    with _TURNS_LOCK:
+        turn = _TURNS.setdefault(model, threading.RLock())
+    turn.acquire()
+    _HELD.__dict__.setdefault("models", []).append(model)
+
+
+@torch.compiler.disable
+def _add_aux_loss_in_turn(model: nn.Module, kwargs, output):
+    held = getattr(_HELD, "models", None)
+    if not held or held[-1] is not model:  # (the pre-hook ran before dynamo's callback was set)
+        return _with_aux_loss(model, kwargs, output)
+    try:
+        # The layers' aux_loss attributes are this call's: this thread's aux_loss(model) reads them later too.
+        remember_aux_losses(moe_layers(model))
+        return _with_aux_loss(model, kwargs, output)
+    finally:
+        held.pop()
+        _TURNS[model].release()
+
+
+def _with_aux_loss(model: nn.Module, kwargs, output):
+    if output is None:  # the forward raised (an always_call hook)
+        return output
     # A loss is there when labels were passed: the ModelOutput's "loss", or a tuple's first item.
     as_tuple = isinstance(output, tuple)
     if as_tuple:
@@ -429,6 +484,10 @@ def _add_aux_loss(model: nn.Module, args, kwargs, output):
         return (loss,) + output[1:]
     output["loss"] = loss
     return output
+
+
+for _hook in (_take_turn, _add_aux_loss, _between_compiled_frames):
+    torch._dynamo.eval_frame.skip_code(_hook.__code__)
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:

@@ -15,6 +15,9 @@ several threads, be called inside its own forward, and be recomputed by activati
 - **torch.compile / torch.export.** Dynamo cannot trace a ContextVar. While compiling, the call is
   set as an attribute on each of its layers (``_traced_routing``) instead: inside a traced graph those
   reads are traced values, and the attribute is None again when the graph returns.
+  The aux losses leave a compiled forward as the layers' ``aux_loss`` attributes; the model's loss hook
+  reads them in a frame of its own, so compiled calls with ``aux_loss_coef`` take turns (``hf/patch.py``)
+  and ``remember_aux_losses`` records them for the calling thread.
 - **After the call.** ``end`` records each layer's aux loss in the caller's context, for
   ``aux_loss(model)`` and the hook that adds it to ``outputs.loss``: each thread reads its own last call.
 """
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 from ..ops.routing import RoutingPlan, plans_from_expert_ids
 from .routers import HashRouter
 
-__all__ = ["RoutingState", "bind_to_call", "current_call", "in_backward", "last_aux_loss"]
+__all__ = ["RoutingState", "bind_to_call", "current_call", "in_backward", "last_aux_loss", "remember_aux_losses"]
 
 # The calls in progress in this context, innermost last (a tuple: a copied context never sees our pushes).
 _CALLS: contextvars.ContextVar[tuple["RoutingState", ...]] = contextvars.ContextVar("moebert_calls", default=())
@@ -104,10 +107,7 @@ class RoutingState:
         else:
             return  # the pre-hook failed before it pushed
         call.ended = True
-        last = {k: v for k, v in _LAST_AUX.get().items() if v[0]() is not None}
-        for m in layers:
-            last[id(m)] = (weakref.ref(m), call.aux_losses.get(m.layer_idx), m.aux_loss)
-        _LAST_AUX.set(last)
+        _remember({m: call.aux_losses.get(m.layer_idx) for m in layers})
 
     def plan(self, layer_idx: int, num_tokens: int) -> Optional[RoutingPlan]:
         """The call's plan of one hash-routed layer; None when the model got no ``input_ids``."""
@@ -137,6 +137,20 @@ def last_aux_loss(layer: nn.Module) -> Optional[Tensor]:
         if ref is not None and ref() is layer and layer.aux_loss is attr_then:
             return aux
     return layer.aux_loss
+
+
+def remember_aux_losses(layers: list[nn.Module]) -> None:
+    """Record the layers' ``aux_loss`` attributes as this context's last call (a compiled call, which
+    cannot reach the context: the caller makes sure no other call wrote them since)."""
+    _remember({m: m.aux_loss for m in layers})
+
+
+def _remember(aux_of_layer: dict) -> None:
+    # This context's last aux loss of each layer, with the layer's aux_loss attribute of that moment.
+    last = {k: v for k, v in _LAST_AUX.get().items() if v[0]() is not None}
+    for m, aux in aux_of_layer.items():
+        last[id(m)] = (weakref.ref(m), aux, m.aux_loss)
+    _LAST_AUX.set(last)
 
 
 def bind_to_call(fn):
