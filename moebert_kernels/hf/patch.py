@@ -359,8 +359,7 @@ def patch(model: nn.Module, num_experts: int = 4, expert_size: Optional[int] = N
         style.install(layer, moe)
 
     # Each call of the base model is a RoutingState (modules/routing_state.py); the model holds none.
-    # Registered before _begin_batch, so a batch routes with tables that cover the vocabulary.
-    base.register_forward_pre_hook(_follow_vocabulary)
+    # The hash tables follow resize_token_embeddings before a state dict is taken (and in _begin_batch).
     base.register_state_dict_pre_hook(_follow_vocabulary)
     base.register_forward_pre_hook(_begin_batch, with_kwargs=True)
     base.register_forward_hook(_end_batch, always_call=True)
@@ -380,18 +379,23 @@ def _follow_vocabulary(base: nn.Module, *_) -> None:
     transformers offers no hook into the resize, so the tables follow before the next forward and
     before the state dict is taken (``save_pretrained``): the saved tables always match the saved config.
     """
-    vocab_size = base.config.vocab_size
     for m in moe_layers(base):
-        if isinstance(m.router, HashRouter) and m.router.vocab_size != vocab_size:
-            m.router.resize(vocab_size)
+        _follow_vocabulary_of(m, base.config.vocab_size)
+
+
+def _follow_vocabulary_of(moe: MoEFeedForward, vocab_size: int) -> None:
+    if isinstance(moe.router, HashRouter) and moe.router.vocab_size != vocab_size:
+        moe.router.resize(vocab_size)
 
 
 def _begin_batch(base: nn.Module, args, kwargs) -> None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     layers = []
-    for m in base.modules():
+    vocab_size = base.config.vocab_size
+    for m in base.modules():  # one walk a call: vocabulary, layers and checkpoint functions
         if isinstance(m, MoEFeedForward):
+            _follow_vocabulary_of(m, vocab_size)  # before the plans are built from the tables
             layers.append(m)
         # Set by gradient_checkpointing_enable() on each layer, at any time: wrapped (once) so that
         # the recompute in backward runs in the call that ran the layer.
